@@ -1,0 +1,1 @@
+"""The orchestrator: conversation -> LLM -> tool calls -> grounded answer."""

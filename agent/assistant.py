@@ -1,0 +1,200 @@
+"""One OphGLM conversation: LangChain's `create_agent` loop over our tools, gated and checked.
+
+Deterministic gates act before the LLM must decide (STACK.md: a small model's weakest
+skill is choosing the next tool): a turn that brings a photograph runs the classifier and
+the lesion segmenter, and every turn retrieves knowledge, before the LLM writes. The LLM
+may call further tools itself. Its answer is then checked against this turn's tool results
+(grounding.py), the triage level comes from the rule table (triage.py), and the reply
+carries findings, citations, the overlay and the disclaimer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_core.tools import StructuredTool
+from langgraph.checkpoint.memory import InMemorySaver
+
+from ophglm import DISCLAIMER
+from ophglm.agent.grounding import check_answer
+from ophglm.agent.triage import Triage, triage
+from ophglm.session import ImageError, Session
+from ophglm.settings import Settings
+from ophglm.tools.base import Tool, ToolError
+from ophglm.tools.classify_fundus import LABELS
+
+SYSTEM_PROMPT = (
+    "You are OphGLM, an assistant for eye-care questions and colour fundus photographs. "
+    "Answer in at most five short sentences, only from the tool results in this conversation. "
+    "Quote numbers exactly as the tools gave them. Cite knowledge passages by their id in square brackets, "
+    "for example [glaucoma#causes-and-symptoms]. If the tools found nothing relevant, say that you do not know. "
+    "You do not diagnose: you describe what the tools found."
+)
+EXAMINE = ("classify_fundus", "segment_lesions")
+MAX_MODEL_CALLS = 4  # per turn: then the model must answer without tools
+
+
+def _call(name: str, args: dict) -> dict:
+    return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+
+
+def _this_turn(messages: list) -> tuple[HumanMessage | None, list]:
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            return messages[i], messages[i + 1:]
+    return None, list(messages)
+
+
+class ToolGates(AgentMiddleware):
+    """Run the examination and retrieval tools before the LLM's first step of a turn."""
+
+    def __init__(self, tool_names: set[str]):
+        super().__init__()
+        self.tool_names = tool_names
+
+    def wrap_model_call(self, request, handler):
+        human, turn = _this_turn(request.messages)
+        if human is None:
+            return handler(request)
+        done = {m.name for m in turn if isinstance(m, ToolMessage)}
+        image_id = human.additional_kwargs.get("image_id")
+        if image_id and not done & set(EXAMINE):
+            calls = [_call(name, {"image_id": image_id}) for name in EXAMINE if name in self.tool_names]
+            if calls:
+                return AIMessage(content="", tool_calls=calls)
+        if "search_knowledge" in self.tool_names and "search_knowledge" not in done:
+            return AIMessage(content="", tool_calls=[_call("search_knowledge", {"query": self._query(human, turn)})])
+        if sum(isinstance(m, AIMessage) for m in turn) >= MAX_MODEL_CALLS:
+            return handler(request.override(tools=[]))
+        return handler(request)
+
+    @staticmethod
+    def _query(human: HumanMessage, turn: list) -> str:
+        question = human.additional_kwargs.get("question", human.text)
+        for message in turn:  # an examined photograph: look up what the classifier found
+            findings = (message.artifact or {}).get("findings", {}) if isinstance(message, ToolMessage) else {}
+            if message.name == "classify_fundus" and findings.get("most_likely"):
+                label = LABELS.get(findings["most_likely"], findings["most_likely"])
+                return f"{label}: signs and referral urgency. {question}"[:500]
+        return question[:500]
+
+
+@dataclass
+class ToolCallRecord:
+    name: str
+    args: dict
+    ok: bool
+    summary: str
+
+
+@dataclass
+class Reply:
+    answer: str
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    findings: dict[str, Any] = field(default_factory=dict)
+    citations: list[dict] = field(default_factory=list)
+    artifacts: list[str] = field(default_factory=list)
+    triage: Triage | None = None
+    notes: list[str] = field(default_factory=list)
+    disclaimer: str = DISCLAIMER
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Assistant:
+    """A multi-turn conversation with its own session, tools and chat model."""
+
+    def __init__(self, settings: Settings, chat_model=None, tools: dict[str, Tool] | None = None):
+        from ophglm.agent.chat_models import make_chat_model
+        from ophglm.tools.registry import load_tools
+
+        self.settings = settings
+        self.session = Session()
+        self.tools = tools if tools is not None else load_tools(settings)
+        self.chat_model = chat_model if chat_model is not None else make_chat_model(settings)
+        self.thread = {"configurable": {"thread_id": uuid.uuid4().hex}, "recursion_limit": 24}
+        self.graph = create_agent(
+            self.chat_model,
+            [self._langchain_tool(t) for t in self.tools.values()],
+            system_prompt=SYSTEM_PROMPT,
+            middleware=[ToolGates(set(self.tools))],
+            checkpointer=InMemorySaver(),
+        )
+
+    def _langchain_tool(self, tool: Tool) -> StructuredTool:
+        def run(**arguments):
+            try:
+                result = tool(self.session, **arguments)
+            except (ToolError, ImageError, KeyError, ValueError, FileNotFoundError) as err:
+                message = err.args[0] if isinstance(err, KeyError) else str(err)
+                return f"Error from {tool.name}: {message}", {"error": message}
+            self.session.artifacts.update(result.artifacts)
+            if result.findings:
+                self.session.findings[tool.name] = result.findings
+            return result.summary, {"findings": result.findings, "citations": result.citations, "artifacts": list(result.artifacts)}
+
+        return StructuredTool.from_function(run, name=tool.name, description=tool.description, args_schema=tool.inputs, response_format="content_and_artifact")
+
+    def add_image(self, path: str | Path) -> str:
+        return self.session.add_image_file(path)
+
+    def ask(self, text: str, image: str | Path | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
+        """One turn: the question (and optionally a new photograph) in, a checked reply out."""
+        text = text.strip()
+        if not text:
+            raise ValueError("the question is empty")
+        extra: dict[str, str] = {"question": text}
+        content = text
+        if image is not None:
+            image_id = self.add_image(image)
+            extra["image_id"] = image_id
+            content = f"{text}\n[Fundus photograph attached: image_id={image_id}]"
+        before = len(self._messages())
+        for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
+            if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
+                on_token(chunk.text)
+        return self._reply(self._messages()[before + 1:])
+
+    def _messages(self) -> list:
+        state = self.graph.get_state(self.thread)
+        return list(state.values.get("messages", [])) if state and state.values else []
+
+    def _reply(self, turn: list) -> Reply:
+        reply = Reply(answer="")
+        evidence: list[str] = []
+        for message in turn:
+            if isinstance(message, AIMessage):
+                reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
+            if not isinstance(message, ToolMessage):
+                continue
+            artifact = message.artifact or {}
+            ok = "error" not in artifact and message.status != "error"
+            call = next((c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls if c["id"] == message.tool_call_id), {"args": {}})
+            reply.tool_calls.append(ToolCallRecord(message.name, call["args"], ok, message.text))
+            evidence.append(message.text)
+            if not ok:
+                reply.notes.append(f"{message.name} failed: {artifact.get('error', message.text)}")
+                continue
+            if artifact.get("findings"):
+                reply.findings[message.name] = artifact["findings"]
+            reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
+            reply.artifacts += artifact.get("artifacts", [])
+        final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
+        grounded = check_answer(final.text if final else "", evidence, {c["id"] for c in reply.citations})
+        reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
+        reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
+        if grounded.removed:
+            reply.answer += " (Some statements were removed because no tool result supported them.)"
+        if reply.citations and not any(f"[{c['id']}]" in reply.answer for c in reply.citations):
+            reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
+        if not reply.citations and "search_knowledge" in reply.findings:
+            reply.answer += " The knowledge base does not cover this question."
+        reply.triage = triage(self.session.findings) if self.session.images else None
+        return reply

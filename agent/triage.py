@@ -1,0 +1,58 @@
+"""The triage level comes from a rule table over the findings, not from the LLM.
+
+Levels: urgent (same day / within days), soon (within weeks), routine (next planned
+review), none (no referable finding). The first matching rule decides; each rule carries
+its reason, which the reply shows. Rules only read findings the tools produced, so a level
+is always traceable. Signs the current tools cannot see (neovascularisation, retinal
+detachment, macular involvement of exudates) cannot raise a level yet: the reason says so
+when the image looks abnormal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+LEVELS = ("urgent", "soon", "routine", "none")
+
+
+@dataclass(frozen=True)
+class Triage:
+    level: str
+    reason: str
+    rule: str
+
+
+def _p(findings: dict, name: str) -> float:
+    return findings.get("classify_fundus", {}).get("probabilities", {}).get(name, {}).get("value", 0.0)
+
+
+def _count(findings: dict, code: str) -> int:
+    return findings.get("segment_lesions", {}).get("lesions", {}).get(code, {}).get("count", {}).get("value", 0)
+
+
+# (rule id, level, condition over findings, reason)
+RULES: list[tuple[str, str, Callable[[dict], bool], str]] = [
+    ("dr-moderate-signs", "soon", lambda f: _p(f, "diabetic_retinopathy") >= 0.5 and (_count(f, "HE") >= 5 or _count(f, "SE") >= 1),
+     "diabetic retinopathy is likely and there are several haemorrhages or cotton-wool spots: refer to an eye clinic within weeks"),
+    ("glaucoma-suspect", "soon", lambda f: _p(f, "glaucoma") >= 0.5,
+     "the optic disc looks glaucomatous: refer for eye pressure, optic nerve and visual field tests within weeks"),
+    ("pathologic-myopia", "soon", lambda f: _p(f, "pathologic_myopia") >= 0.5,
+     "signs of pathologic myopia: refer for a retinal examination (OCT) within weeks"),
+    ("dr-mild", "routine", lambda f: _p(f, "diabetic_retinopathy") >= 0.5,
+     "diabetic retinopathy is likely with few lesions: review at the next screening or as the eye service advises"),
+    ("cataract", "routine", lambda f: _p(f, "cataract") >= 0.5,
+     "the view is hazy as with cataract: routine referral if vision is affected"),
+    ("normal", "none", lambda f: _p(f, "normal") >= 0.6 and sum(_count(f, c) for c in ("HE", "EX", "SE")) == 0,
+     "no referable disease was found: keep to the usual screening interval"),
+]
+
+
+def triage(findings: dict[str, Any]) -> Triage | None:
+    """Apply the table to one turn's findings (keyed by tool name); None if no image was examined."""
+    if "classify_fundus" not in findings:
+        return None
+    for rule, level, condition, reason in RULES:
+        if condition(findings):
+            return Triage(level, reason, rule)
+    return Triage("routine", "the findings are uncertain: have the photograph reviewed by an eye-care professional", "uncertain")

@@ -1,0 +1,62 @@
+"""The figures model cards report: AUROC, ECE, temperature scaling, AUPR and Dice.
+
+One implementation for training-time validation and for `ophglm eval`, so a figure in a
+model card and a figure from an evaluation mean the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The single temperature that minimises validation NLL (Guo et al., 2017)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp())
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def auroc_per_class(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
+    """One-vs-rest AUROC per class (NaN where a class has no positives or no negatives)."""
+    scores = {}
+    for i, name in enumerate(classes):
+        positive = labels == i
+        scores[name] = float(roc_auc_score(positive, probs[:, i])) if 0 < positive.sum() < len(labels) else float("nan")
+    return scores
+
+
+def macro(scores: dict[str, float]) -> float:
+    values = [v for v in scores.values() if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def aupr(scores: np.ndarray, truth: np.ndarray) -> float:
+    return float(average_precision_score(truth.ravel(), scores.ravel())) if truth.any() else float("nan")
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    total = prediction.sum() + truth.sum()
+    return float(2 * (prediction & truth).sum() / total) if total else float("nan")

@@ -1,0 +1,1 @@
+"""The ophthalmic knowledge corpus and its Chroma index."""

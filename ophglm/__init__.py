@@ -1,0 +1,8 @@
+"""OphGLM: an ophthalmic language-and-vision assistant that runs offline on a CPU."""
+
+__version__ = "0.1.0"
+
+DISCLAIMER = (
+    "OphGLM is a research assistant, not a medical device: this is not a diagnosis. "
+    "Have any concern about your eyes checked by an eye-care professional."
+)

@@ -1,0 +1,230 @@
+"""The `ophglm` command: chat, ask, analyze, demo-image, index, train, tools.
+
+Every failure a user can cause (a missing file, a text file named .jpg, a bad setting)
+ends in one line naming the problem and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ophglm import DISCLAIMER
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError)
+
+
+def _settings(args):
+    from ophglm.settings import load_settings
+
+    return load_settings(args.config)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def cmd_analyze(args) -> None:
+    from ophglm.agent.triage import triage
+    from ophglm.session import Session
+    from ophglm.tools.registry import builtin_tools
+
+    settings = _settings(args)
+    session = Session()
+    image_id = session.add_image_file(args.path)
+    tools = {t.name: t for t in builtin_tools(settings)}
+    findings, summaries = {}, []
+    for name in ("classify_fundus", "segment_lesions"):
+        result = tools[name](session, image_id=image_id)
+        findings[name], summaries = result.findings, summaries + [result.summary]
+        session.artifacts.update(result.artifacts)
+    level = triage(findings)
+    overlay = None
+    if args.overlay:
+        Path(args.overlay).write_bytes(session.artifacts[findings["segment_lesions"]["overlay"]])
+        overlay = str(args.overlay)
+    if args.json:
+        _print_json({"image": str(args.path), "image_id": image_id, "findings": findings, "triage": level, "overlay": overlay, "disclaimer": DISCLAIMER})
+        return
+    print("\n".join(summaries))
+    print(f"Triage: {level.level} ({level.reason})")
+    if overlay:
+        print(f"Overlay written to {overlay}")
+    print(DISCLAIMER)
+
+
+def _print_reply(reply, streamed: bool) -> None:
+    if not streamed:
+        print(reply.answer)
+    else:
+        print()
+    for call in reply.tool_calls:
+        print(f"  [tool] {call.name}({', '.join(f'{k}={v!r}' for k, v in call.args.items())}){'' if call.ok else ' FAILED'}")
+    if reply.triage:
+        print(f"  [triage] {reply.triage.level}: {reply.triage.reason}")
+    for citation in reply.citations:
+        print(f"  [source] {citation['id']}: {citation['title']} - {citation['section']}")
+    for note in reply.notes:
+        print(f"  [note] {note}")
+    print(f"  {reply.disclaimer}")
+
+
+def cmd_ask(args) -> None:
+    from ophglm.agent.assistant import Assistant
+
+    from ophglm.session import read_image_file
+
+    if args.image:
+        read_image_file(args.image)  # fail fast on a bad image, before the LLM loads
+    assistant = Assistant(_settings(args))
+    stream = None if args.json else (lambda token: print(token, end="", flush=True))
+    reply = assistant.ask(args.question, image=args.image, on_token=stream)
+    if args.json:
+        _print_json(reply.to_dict())
+    else:
+        _print_reply(reply, streamed=True)
+
+
+def cmd_chat(args) -> None:
+    from ophglm.agent.assistant import Assistant
+
+    assistant = Assistant(_settings(args))
+    image = args.image
+    print("OphGLM chat. Type a question; '/image PATH' attaches a photograph; '/quit' ends.")
+    print(DISCLAIMER)
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line.startswith("/image "):
+            image = line.removeprefix("/image ").strip()
+            print(f"(the next question will attach {image})")
+            continue
+        if not line:
+            continue
+        print("ophglm> ", end="", flush=True)
+        try:
+            reply = assistant.ask(line, image=image, on_token=lambda t: print(t, end="", flush=True))
+        except USER_ERRORS as err:
+            print(f"\nerror: {err}")
+            continue
+        finally:
+            image = None
+        _print_reply(reply, streamed=True)
+
+
+def cmd_demo_image(args) -> None:
+    from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+
+    fundus = make_synthetic_fundus(size=args.size, seed=args.seed, lesions=not args.healthy)
+    fundus.image.save(args.out)
+    counts = {k: int(sum(1 for l in fundus.lesions if l["kind"] == k)) for k in ("MA", "HE", "EX", "SE")}
+    print(f"wrote {args.out}: synthetic fundus, seed {args.seed}, planted lesions {counts}")
+
+
+def cmd_index_build(args) -> None:
+    from ophglm.knowledge.index import KnowledgeIndex
+
+    settings = _settings(args)
+    index = KnowledgeIndex(settings)
+    count = index.build(force=args.force)
+    where = settings.chroma_url or settings.chroma_folder
+    print(f"knowledge index {index.name}: {count} chunks from {len({c.doc_id for c in index.chunks})} documents at {where}")
+
+
+def cmd_tools_list(args) -> None:
+    from ophglm.tools.registry import load_tools
+
+    for tool in load_tools(_settings(args)).values():
+        print(f"{tool.name}: {tool.description}\n  inputs: {json.dumps(tool.inputs.model_json_schema().get('properties', {}))}")
+
+
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    if args.model == "classifier":
+        from ophglm.finetune.train_classifier import ClassifierConfig as Config, train_classifier as train
+    else:
+        from ophglm.finetune.train_segmenter import SegmenterConfig as Config, train_segmenter as train
+    names = {f.name for f in fields(Config)}
+    config = Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    if not Path(config.data).is_dir():
+        raise FileNotFoundError(f"data folder not found: {config.data}")
+    _print_json(train(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ophglm", description="Ophthalmic language-and-vision assistant (offline, CPU by default).")
+    parser.add_argument("--config", help="settings TOML file (else $OPHGLM_CONFIG); OPHGLM_* variables override it")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="run the vision tools on one photograph (no LLM)")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--overlay", metavar="OUT.png", help="write the lesion overlay here")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("ask", help="one question (optionally about a photograph), one checked answer")
+    p.add_argument("question")
+    p.add_argument("--image", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="multi-turn conversation in the terminal")
+    p.add_argument("--image", metavar="PATH")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo-image", help="write a synthetic fundus photograph with planted lesions")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=768)
+    p.add_argument("--healthy", action="store_true", help="no lesions")
+    p.set_defaults(func=cmd_demo_image)
+
+    p = sub.add_parser("index", help="the knowledge index")
+    index_sub = p.add_subparsers(dest="action", required=True)
+    b = index_sub.add_parser("build", help="embed the corpus into Chroma (skipped when up to date)")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.set_defaults(func=cmd_index_build)
+
+    p = sub.add_parser("tools", help="the tool registry")
+    tools_sub = p.add_subparsers(dest="action", required=True)
+    tools_sub.add_parser("list", help="list every tool the agent can call").set_defaults(func=cmd_tools_list)
+
+    p = sub.add_parser("train", help="train a vision model on a data folder laid out like ../shared/data")
+    p.add_argument("model", choices=["classifier", "segmenter"])
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--out", help="weights file (default: the packaged weights under tools/weights/)")
+    p.add_argument("--minutes", type=float, help="training time budget")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--backbone", help="classifier: efficientnet_lite0 | convnext_atto | convnext_nano | convnext_tiny")
+    p.add_argument("--pretrained", help="classifier: imagenet (packaged Lite0), '' (scratch) or a checkpoint path")
+    p.add_argument("--encoder", help="segmenter: tu-efficientnet_lite0 | tu-convnext_atto")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub lookup
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ophglm: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Where a conversation's photographs and tool outputs live.
+
+Images enter a session once and are referred to by `image_id` (a content hash): tools
+receive that id, never a path or pixels from the LLM, so a model cannot make a tool read
+an arbitrary file. Artifacts (overlays) and findings stay here, out of the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 64
+MAX_PIXELS = 40_000_000  # above a 4288x2848 IDRiD photograph with margin; stops decompression bombs
+
+
+class ImageError(ValueError):
+    """A photograph that cannot be used, with a message naming the problem."""
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Decode bytes to an 8-bit RGB image, or raise ImageError saying what is wrong."""
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            kind = probe.format
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image file Pillow can read (JPEG, PNG, TIFF, ...)") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name} is {width}x{height} pixels, above the limit of {MAX_PIXELS:,}")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{name} is {width}x{height} pixels; a fundus photograph needs at least {MIN_SIDE} px a side")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError) as err:
+        raise ImageError(f"{name} is a damaged or truncated {kind} file ({err})") from None
+    return _to_rgb8(image)
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    # 16-bit and float modes would be clipped by a plain convert("RGB"): rescale them first.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        span = float(array.max() - array.min()) or 1.0
+        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_image_file(path: str | Path) -> tuple[Image.Image, bytes]:
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image file")
+    data = path.read_bytes()
+    return decode_image(data, name=str(path)), data
+
+
+@dataclass
+class Session:
+    """One conversation: its images (by id), tool artifacts and findings."""
+
+    images: dict[str, Image.Image] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    findings: dict[str, dict] = field(default_factory=dict)
+
+    def add_image(self, image: Image.Image, data: bytes | None = None) -> str:
+        """Store a decoded image and return its id (a hash of the file bytes, else of the pixels)."""
+        digest = hashlib.sha256(data if data is not None else image.tobytes()).hexdigest()
+        image_id = f"img-{digest[:12]}"
+        self.images[image_id] = image
+        return image_id
+
+    def add_image_file(self, path: str | Path) -> str:
+        image, data = read_image_file(path)
+        return self.add_image(image, data)
+
+    def image(self, image_id: str) -> Image.Image:
+        if image_id not in self.images:
+            known = ", ".join(self.images) or "none"
+            raise KeyError(f"unknown image_id {image_id!r} (images in this session: {known})")
+        return self.images[image_id]
+
+    @property
+    def latest_image_id(self) -> str | None:
+        return next(reversed(self.images), None)

@@ -1,0 +1,120 @@
+"""One settings object for every scale OphGLM runs at.
+
+Laptop, GPU server and fleet differ only in configuration (DESIGN.md, "Where it runs"), so
+every switch lives here: defaults, then an optional TOML file, then `OPHGLM_*` environment
+variables, each later source overriding the earlier one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LLM_BACKENDS = ("local", "openai")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ophglm")
+
+
+@dataclass
+class Settings:
+    # "local": a transformers model in this process; "openai": any OpenAI-compatible server (vLLM).
+    llm_backend: str = "local"
+    # local backend: "smollm2" (packaged GGUF, converted once into cache_dir) or a folder with HF weights.
+    llm_model: str = "smollm2"
+    # local backend: a folder holding a LoRA adapter to apply on top of llm_model ("" = none).
+    llm_adapter: str = ""
+    # openai backend: base URL (e.g. http://localhost:8000/v1), served model name and key.
+    llm_base_url: str = ""
+    llm_served_model: str = "ophglm"
+    llm_api_key: str = "EMPTY"
+    # Upper bound on tokens the LLM writes per step: small models ramble.
+    llm_max_new_tokens: int = 256
+    # URL of an OphGLM tool server ("" = run the vision tools in this process).
+    tools_url: str = ""
+    # Chroma: a local folder (embedded PersistentClient) unless chroma_url names a server.
+    chroma_path: str = ""
+    chroma_url: str = ""
+    # Trained vision weights; "" = the weights shipped inside the package.
+    weights_dir: str = ""
+    # Converted LLMs, the default Chroma folder and other rebuildable state.
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    # Optional ImageNet/pretrained ConvNeXt checkpoint for users who train that backbone.
+    convnext_checkpoint: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    # CPU threads for torch (0 = leave torch's default).
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.llm_backend not in LLM_BACKENDS:
+            raise ValueError(f"llm_backend must be one of {LLM_BACKENDS}, got {self.llm_backend!r}")
+        if self.llm_backend == "openai" and not self.llm_base_url:
+            raise ValueError("llm_backend 'openai' needs llm_base_url (OPHGLM_LLM_BASE_URL)")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def chroma_folder(self) -> Path:
+        return Path(self.chroma_path) if self.chroma_path else Path(self.cache_dir) / "chroma"
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def torch_dtype(self, device: str | None = None):
+        """bf16 on GPUs and on CPUs with native bf16 (about 2x faster here), else fp32."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        device = device or self.torch_device()
+        if device == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+
+def _coerce(value: str, target: object) -> object:
+    if isinstance(target, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(target, int):
+        return int(value)
+    return value
+
+
+def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:
+    """Defaults < TOML file (`config_file`, else $OPHGLM_CONFIG) < OPHGLM_* variables < overrides."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    values: dict[str, object] = {}
+    path = config_file or os.environ.get("OPHGLM_CONFIG")
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"settings file not found: {path}")
+        with path.open("rb") as f:
+            table = tomllib.load(f)
+        unknown = set(table) - names
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+        values.update(table)
+    defaults = Settings()
+    for name in names:
+        env = os.environ.get(f"OPHGLM_{name.upper()}")
+        if env is not None:
+            try:
+                values[name] = _coerce(env, getattr(defaults, name))
+            except ValueError:
+                raise ValueError(f"OPHGLM_{name.upper()}={env!r} is not a valid {type(getattr(defaults, name)).__name__}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)

@@ -1,0 +1,36 @@
+from ophglm.agent.grounding import check_answer
+from ophglm.agent.triage import triage
+
+EVIDENCE = ["Disease probabilities: diabetic retinopathy 0.87, normal 0.05.", "haemorrhages: 12 (0.41% of field)"]
+
+
+def test_numbers_from_tools_survive_in_any_common_form():
+    answer = "Diabetic retinopathy has probability 0.87 (87%). There are 12 haemorrhages covering 0.4% of the field."
+    result = check_answer(answer, EVIDENCE, set())
+    assert result.text == answer and not result.removed
+
+
+def test_invented_numbers_and_citations_are_removed_and_reported():
+    answer = "The cup-to-disc ratio is 0.7. Haemorrhages: 12 [diabetic_retinopathy#visual-diagnosis]. See [glaucoma#treatment-and-prevention]."
+    result = check_answer(answer, EVIDENCE, {"diabetic_retinopathy#visual-diagnosis"})
+    assert result.text == "Haemorrhages: 12 [diabetic_retinopathy#visual-diagnosis]."
+    assert "number 0.7 not in any tool result" in result.removed[0]
+    assert "citation [glaucoma#treatment-and-prevention] was not retrieved" in result.removed[1]
+
+
+def _findings(probs: dict, counts: dict) -> dict:
+    return {
+        "classify_fundus": {"probabilities": {k: {"value": v, "unit": "probability"} for k, v in probs.items()}},
+        "segment_lesions": {"lesions": {k: {"count": {"value": v, "unit": "lesions"}} for k, v in counts.items()}},
+    }
+
+
+def test_triage_rules_are_ordered_and_explain_themselves():
+    assert triage({}) is None
+    moderate = triage(_findings({"diabetic_retinopathy": 0.9}, {"HE": 7, "SE": 0}))
+    assert (moderate.level, moderate.rule) == ("soon", "dr-moderate-signs")
+    assert triage(_findings({"diabetic_retinopathy": 0.9}, {"HE": 1})).level == "routine"
+    assert triage(_findings({"normal": 0.9}, {"HE": 0, "EX": 0, "SE": 0})).level == "none"
+    # a confident "normal" with haemorrhages on the lesion map is not called normal
+    assert triage(_findings({"normal": 0.9}, {"HE": 3})).rule == "uncertain"
+    assert triage(_findings({"glaucoma": 0.7}, {})).level == "soon"

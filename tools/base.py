@@ -1,0 +1,92 @@
+"""The one contract every diagnostic tool follows.
+
+A tool has a name, a description written for the LLM, a pydantic input model (its JSON
+schema is exactly what the LLM sees) and `run(inputs, session) -> ToolResult`. Heavy models
+load lazily in `setup()` the first time the tool runs, and are shared per process, so
+listing tools or answering a text-only question never loads a vision model.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from ophglm.session import Session
+
+TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{2,63}$")
+
+
+class ToolError(RuntimeError):
+    """A tool could not produce a result; the message is shown to the LLM and the person."""
+
+
+@dataclass
+class ToolResult:
+    # Short text for the LLM: every number in it has a unit.
+    summary: str
+    # Structured findings (JSON-able, numbers with units) that answers are checked against.
+    findings: dict[str, Any] = field(default_factory=dict)
+    # Files for the person (overlay PNGs), stored in the session, never put in the prompt.
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    # Knowledge passages this result rests on: {"id", "doc_id", "section", "title", "text"}.
+    citations: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Tool:
+    """Subclass, set `name`, `description`, `inputs`, implement `run` (and `setup` if heavy)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    inputs: ClassVar[type[BaseModel]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Validate at definition time, so a malformed plug-in fails on import, not mid-conversation.
+        for attr in ("name", "description", "inputs"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"tool {cls.__name__} must define class attribute {attr!r}")
+        if not TOOL_NAME.match(cls.name):
+            raise TypeError(f"tool name {cls.name!r} must be snake_case, 3-64 characters")
+        if not (isinstance(cls.inputs, type) and issubclass(cls.inputs, BaseModel)):
+            raise TypeError(f"tool {cls.name}: inputs must be a pydantic BaseModel subclass")
+        if len(cls.description.strip()) < 20:
+            raise TypeError(f"tool {cls.name}: the description is what the LLM reads; write one")
+
+    def __init__(self) -> None:
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        """Load models; called once, on first use."""
+
+    def run(self, inputs: BaseModel, session: Session) -> ToolResult:
+        raise NotImplementedError
+
+    def __call__(self, session: Session, **arguments: Any) -> ToolResult:
+        """Validate raw arguments (from an LLM or a caller), set up once, run."""
+        try:
+            inputs = self.inputs.model_validate(arguments)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors())
+            raise ToolError(f"{self.name}: invalid arguments ({problems})") from None
+        with self._lock:
+            if not self._ready:
+                self.setup()
+                self._ready = True
+        return self.run(inputs, session)
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-style function schema the LLM sees."""
+        return {"name": self.name, "description": self.description, "parameters": self.inputs.model_json_schema()}
+
+
+class ImageInput(BaseModel):
+    """Inputs of tools that look at one photograph of the session."""
+
+    image_id: str
+
+    model_config = {"extra": "forbid"}

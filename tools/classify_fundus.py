@@ -1,0 +1,66 @@
+"""`classify_fundus`: calibrated disease probabilities for one colour fundus photograph.
+
+A timm classifier (the shipped weights' backbone and classes are in their metadata and
+model card) with a fitted temperature, so "0.82" means about 82% of such calls are right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ophglm.session import Session
+from ophglm.tools.base import ImageInput, Tool, ToolResult
+from ophglm.tools.vision import fundus_square, load_weights, to_tensor, weights_path
+
+CLASSIFIER_FILE = "fundus_classifier.safetensors"
+LABELS = {
+    "normal": "no referable disease",
+    "diabetic_retinopathy": "diabetic retinopathy",
+    "glaucoma": "glaucoma (suspect optic disc)",
+    "cataract": "cataract (hazy view)",
+    "pathologic_myopia": "pathologic myopia",
+    "amd": "age-related macular degeneration",
+    "hypertensive_retinopathy": "hypertensive retinopathy",
+}
+
+
+class ClassifyFundus(Tool):
+    name = "classify_fundus"
+    description = (
+        "Estimate the probability of each fundus disease the classifier knows (for example normal, "
+        "diabetic retinopathy, glaucoma, cataract, pathologic myopia) for one colour fundus photograph "
+        "of this session. Use it to answer 'is something wrong with this eye?' or 'is this glaucoma?'."
+    )
+    inputs = ImageInput
+
+    def __init__(self, weights_dir: str = "", device: str = "cpu"):
+        super().__init__()
+        self.weights_dir, self.device = weights_dir, device
+
+    def setup(self) -> None:
+        self.model, self.config = load_weights(weights_path(CLASSIFIER_FILE, self.weights_dir), self.device)
+
+    @torch.inference_mode()
+    def predict(self, images: list) -> list[dict[str, float]]:
+        """Batched path: calibrated probabilities per class for each PIL image."""
+        size, classes = self.config["image_size"], self.config["classes"]
+        batch = torch.stack([to_tensor(fundus_square(im), size) for im in images]).to(self.device)
+        probs = (self.model(batch).float() / self.config["temperature"]).softmax(dim=1).cpu()
+        return [{c: float(p[i]) for i, c in enumerate(classes)} for p in probs]
+
+    def run(self, inputs: ImageInput, session: Session) -> ToolResult:
+        probs = self.predict([session.image(inputs.image_id)])[0]
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+        top, top_p = ranked[0]
+        findings = {
+            "image_id": inputs.image_id,
+            "probabilities": {c: {"value": round(p, 3), "unit": "probability"} for c, p in ranked},
+            "most_likely": top,
+            "confident": top_p >= 0.6,
+            "classes_known": list(probs),
+            "model": f"{self.config['backbone']} ({len(probs)} classes)",
+        }
+        listed = ", ".join(f"{LABELS.get(c, c)} {p:.2f}" for c, p in ranked)
+        hedge = "" if top_p >= 0.6 else " The classifier is unsure (no class reaches 0.60)."
+        summary = f"Disease probabilities for {inputs.image_id}: {listed}. Most likely: {LABELS.get(top, top)}.{hedge}"
+        return ToolResult(summary=summary, findings=findings)

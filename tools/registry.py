@@ -1,0 +1,47 @@
+"""Which tools exist: the built-ins plus any installed through the `ophglm.tools` entry points.
+
+A tool author ships a package whose entry point (group `ophglm.tools`) names either a
+`Tool` subclass or a factory `f(settings) -> Tool`; the agent discovers it here and shows
+it to the LLM with its JSON schema, with no edit of the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+from ophglm.settings import Settings
+from ophglm.tools.base import Tool
+
+ENTRY_POINT_GROUP = "ophglm.tools"
+log = logging.getLogger(__name__)
+
+
+def builtin_tools(settings: Settings) -> list[Tool]:
+    from ophglm.tools.classify_fundus import ClassifyFundus
+    from ophglm.tools.search_knowledge import SearchKnowledge
+    from ophglm.tools.segment_lesions import SegmentLesions
+
+    device = settings.torch_device()
+    return [ClassifyFundus(settings.weights_dir, device), SegmentLesions(settings.weights_dir, device), SearchKnowledge(settings)]
+
+
+def plugin_tools(settings: Settings) -> list[Tool]:
+    tools = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        target = entry.load()
+        tool = target() if isinstance(target, type) and issubclass(target, Tool) else target(settings)
+        if not isinstance(tool, Tool):
+            raise TypeError(f"entry point {entry.name} ({entry.value}) gave {type(tool).__name__}, not an ophglm Tool")
+        tools.append(tool)
+    return tools
+
+
+def load_tools(settings: Settings, extra: list[Tool] | None = None) -> dict[str, Tool]:
+    """All tools by name; a plug-in may not silently replace a built-in."""
+    tools: dict[str, Tool] = {}
+    for tool in [*builtin_tools(settings), *plugin_tools(settings), *(extra or [])]:
+        if tool.name in tools:
+            raise ValueError(f"two tools are named {tool.name!r}")
+        tools[tool.name] = tool
+    return tools

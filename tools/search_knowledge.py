@@ -1,0 +1,44 @@
+"""`search_knowledge`: passages from the ophthalmic knowledge base, each with a citation id.
+
+The LLM cites what it was given (`[doc_id#section]`); the grounding step later checks that
+every cited id was in fact retrieved this turn.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from ophglm.knowledge.index import KnowledgeIndex
+from ophglm.session import Session
+from ophglm.settings import Settings
+from ophglm.tools.base import Tool, ToolResult
+
+
+class KnowledgeQuery(BaseModel):
+    query: str = Field(min_length=2, max_length=500, description="what to look up, in plain words")
+
+    model_config = {"extra": "forbid"}
+
+
+class SearchKnowledge(Tool):
+    name = "search_knowledge"
+    description = (
+        "Look up ophthalmology background in OphGLM's knowledge base (diseases, signs, tests, "
+        "treatments, urgency). Returns short passages, each with a citation id in square brackets to cite."
+    )
+    inputs = KnowledgeQuery
+
+    def __init__(self, settings: Settings, index: KnowledgeIndex | None = None):
+        super().__init__()
+        self.settings, self.index = settings, index
+
+    def setup(self) -> None:
+        if self.index is None:
+            self.index = KnowledgeIndex(self.settings)
+
+    def run(self, inputs: KnowledgeQuery, session: Session) -> ToolResult:
+        passages = self.index.search(inputs.query)
+        if not passages:
+            return ToolResult(summary=f"The knowledge base has nothing relevant to {inputs.query!r}.", findings={"query": inputs.query, "passages": []})
+        text = "\n".join(f"[{p.id}] {p.title} - {p.section}: {p.text}" for p in passages)
+        return ToolResult(summary=text, findings={"query": inputs.query, "passages": [p.id for p in passages]}, citations=[p.citation() for p in passages])

