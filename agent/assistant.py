@@ -24,7 +24,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from ophglm import DISCLAIMER
 from ophglm.agent.grounding import check_answer
 from ophglm.agent.triage import Triage, triage
-from ophglm.session import ImageError, Session
+from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
 from ophglm.tools.classify_fundus import LABELS
@@ -111,7 +111,7 @@ class Reply:
 class Assistant:
     """A multi-turn conversation with its own session, tools and chat model."""
 
-    def __init__(self, settings: Settings, chat_model=None, tools: dict[str, Tool] | None = None):
+    def __init__(self, settings: Settings, chat_model=None, tools: dict[str, Tool] | None = None, checkpointer=None, thread_id: str | None = None):
         from ophglm.agent.chat_models import make_chat_model
         from ophglm.tools.registry import load_tools
 
@@ -119,13 +119,13 @@ class Assistant:
         self.session = Session()
         self.tools = tools if tools is not None else load_tools(settings)
         self.chat_model = chat_model if chat_model is not None else make_chat_model(settings)
-        self.thread = {"configurable": {"thread_id": uuid.uuid4().hex}, "recursion_limit": 24}
+        self.thread = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}, "recursion_limit": 24}
         self.graph = create_agent(
             self.chat_model,
             [self._langchain_tool(t) for t in self.tools.values()],
             system_prompt=SYSTEM_PROMPT,
             middleware=[ToolGates(set(self.tools))],
-            checkpointer=InMemorySaver(),
+            checkpointer=checkpointer if checkpointer is not None else InMemorySaver(),
         )
 
     def _langchain_tool(self, tool: Tool) -> StructuredTool:
@@ -142,10 +142,13 @@ class Assistant:
 
         return StructuredTool.from_function(run, name=tool.name, description=tool.description, args_schema=tool.inputs, response_format="content_and_artifact")
 
-    def add_image(self, path: str | Path) -> str:
-        return self.session.add_image_file(path)
+    def add_image(self, image: str | Path | bytes) -> str:
+        """A file path or the uploaded file's bytes; raises ImageError naming the problem."""
+        if isinstance(image, bytes):
+            return self.session.add_image(decode_image(image, "uploaded image"), image)
+        return self.session.add_image_file(image)
 
-    def ask(self, text: str, image: str | Path | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
+    def ask(self, text: str, image: str | Path | bytes | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
         """One turn: the question (and optionally a new photograph) in, a checked reply out."""
         text = text.strip()
         if not text:
@@ -160,15 +163,18 @@ class Assistant:
         for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
             if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
                 on_token(chunk.text)
-        return self._reply(self._messages()[before + 1:])
+        history = self._messages()
+        return self._reply(history[before + 1:], history)
 
     def _messages(self) -> list:
         state = self.graph.get_state(self.thread)
         return list(state.values.get("messages", [])) if state and state.values else []
 
-    def _reply(self, turn: list) -> Reply:
+    def _reply(self, turn: list, history: list) -> Reply:
         reply = Reply(answer="")
-        evidence: list[str] = []
+        # A follow-up may quote an earlier turn's results: every tool result of the session is evidence.
+        evidence = [m.text for m in history if isinstance(m, ToolMessage) and "error" not in (m.artifact or {})]
+        cited_before = {c["id"] for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
@@ -178,7 +184,6 @@ class Assistant:
             ok = "error" not in artifact and message.status != "error"
             call = next((c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls if c["id"] == message.tool_call_id), {"args": {}})
             reply.tool_calls.append(ToolCallRecord(message.name, call["args"], ok, message.text))
-            evidence.append(message.text)
             if not ok:
                 reply.notes.append(f"{message.name} failed: {artifact.get('error', message.text)}")
                 continue
@@ -187,7 +192,7 @@ class Assistant:
             reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
-        grounded = check_answer(final.text if final else "", evidence, {c["id"] for c in reply.citations})
+        grounded = check_answer(final.text if final else "", evidence, cited_before)
         reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:

@@ -1,9 +1,9 @@
-"""Check an answer against this turn's tool results before anyone reads it.
+"""Check an answer against the session's tool results before anyone reads it.
 
 A small LLM invents numbers and citations. Every number in the answer must appear in a
-tool result of this turn (as written, or rounded), and every `[doc#section]` citation must
-name a passage retrieved this turn; a sentence that fails is removed, and the reply says
-so. Disease names are checked by the classifier's findings in a later iteration.
+tool result of this conversation (as written, or rounded), and every `[doc#section]`
+citation must name a passage that was retrieved; a sentence that fails is removed, and the
+reply says so. Disease names are checked against the classifier's findings in a later iteration.
 """
 
 from __future__ import annotations

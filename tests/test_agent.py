@@ -1,0 +1,101 @@
+"""The real create_agent loop with real tools (shipped weights, real Chroma), driven by a scripted model."""
+
+import re
+
+import pytest
+from langchain_core.messages import AIMessage, ToolMessage
+
+from ophglm import DISCLAIMER
+from ophglm.agent.assistant import Assistant
+from ophglm.agent.scripted_model import ScriptedChatModel
+from ophglm.tools.registry import load_tools
+from ophglm.tools.search_knowledge import SearchKnowledge
+
+
+@pytest.fixture
+def tools(settings, knowledge_index):
+    tools = load_tools(settings)
+    tools["search_knowledge"] = SearchKnowledge(settings, knowledge_index)
+    return tools
+
+
+def _tool_text(messages, name):
+    return next(m.text for m in messages if isinstance(m, ToolMessage) and m.name == name)
+
+
+def _answer_from_tools(messages):
+    """What a well-behaved model writes: the classifier's top figure and a retrieved citation."""
+    classified = _tool_text(messages, "classify_fundus")
+    label, prob = re.search(r": ([a-z ()]+?) (\d\.\d\d)", classified).groups()
+    citation = re.search(r"\[([a-z_]+#[a-z-]+)\]", _tool_text(messages, "search_knowledge"))[1]
+    return f"The classifier gives {label} a probability of {prob} [{citation}]. The cup-to-disc ratio is 0.93."
+
+
+def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, demo_fundus_path):
+    model = ScriptedChatModel(steps=[_answer_from_tools])
+    assistant = Assistant(settings, chat_model=model, tools=tools)
+    reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
+
+    assert [c.name for c in reply.tool_calls] == ["classify_fundus", "segment_lesions", "search_knowledge"]
+    assert all(c.ok for c in reply.tool_calls)
+    image_id = reply.findings["classify_fundus"]["image_id"]
+    assert reply.tool_calls[0].args == {"image_id": image_id}
+    probs = reply.findings["classify_fundus"]["probabilities"]
+    assert abs(sum(p["value"] for p in probs.values()) - 1) < 0.01
+    assert all(p["unit"] == "probability" for p in probs.values())
+    assert reply.findings["segment_lesions"]["lesions"]["HE"]["area"]["unit"] == "% of field of view"
+    assert reply.artifacts and assistant.session.artifacts[reply.artifacts[0]].startswith(b"\x89PNG")
+    # the invented cup-to-disc ratio is removed; the supported sentence with its citation stays
+    assert "0.93" not in reply.answer and "probability of" in reply.answer
+    assert any("number 0.93 not in any tool result" in n for n in reply.notes)
+    assert f"[{reply.citations[0]['id']}]" in reply.answer
+    assert reply.triage is not None and reply.triage.level in ("urgent", "soon", "routine", "none")
+    assert reply.disclaimer == DISCLAIMER
+    # the model was bound to every tool and saw the tool results, not pixels or paths
+    assert set(model.bound_tools) == set(tools)
+    assert str(demo_fundus_path) not in str(model.prompts[0])
+
+
+def test_text_question_cites_retrieved_chunks(settings, tools):
+    def answer(messages):
+        cited = re.findall(r"\[([a-z_]+#[a-z-]+)\]", _tool_text(messages, "search_knowledge"))
+        return f"Glaucoma often has no early symptoms [{cited[0]}]."
+
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=[answer]), tools=tools)
+    reply = assistant.ask("What are the symptoms of glaucoma?")
+    assert [c.name for c in reply.tool_calls] == ["search_knowledge"]
+    assert reply.citations and all({"id", "doc_id", "section", "title", "text"} <= set(c) for c in reply.citations)
+    assert any("glaucoma" in c["doc_id"] for c in reply.citations)
+    assert f"[{reply.citations[0]['id']}]" in reply.answer
+    assert reply.triage is None and not reply.findings.get("classify_fundus")
+
+
+def test_out_of_scope_question_says_the_knowledge_base_does_not_cover_it(settings, tools):
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=["I am not sure."]), tools=tools)
+    reply = assistant.ask("How do I bake sourdough bread?")
+    assert reply.citations == []
+    assert "does not cover" in reply.answer
+
+
+def test_model_tool_calls_run_and_bad_ones_are_reported(settings, tools, demo_fundus_path):
+    steps = [
+        lambda m: AIMessage("", tool_calls=[{"name": "segment_lesions", "args": {"image_id": "img-doesnotexist"}, "id": "c1", "type": "tool_call"}],
+                            invalid_tool_calls=[{"name": None, "args": None, "id": None, "error": "call to unknown tool 'grade_everything'", "type": "invalid_tool_call"}]),
+        "I could not examine that image.",
+    ]
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=steps), tools=tools)
+    reply = assistant.ask("Can you check the lesions again?")
+    failed = [c for c in reply.tool_calls if not c.ok]
+    assert [c.name for c in failed] == ["segment_lesions"]
+    assert any("unknown image_id 'img-doesnotexist'" in n for n in reply.notes)
+    assert any("grade_everything" in n for n in reply.notes)
+
+
+def test_follow_up_turn_keeps_the_session(settings, tools, demo_fundus_path):
+    steps = ["The photograph was examined.", "Here is how urgent it is."]
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=steps), tools=tools)
+    first = assistant.ask("Please look at this photo.", image=demo_fundus_path)
+    second = assistant.ask("How urgent is it?")
+    assert [c.name for c in second.tool_calls] == ["search_knowledge"], "the image is not re-examined"
+    assert second.triage == first.triage and second.triage is not None
+    assert len(assistant.session.images) == 1

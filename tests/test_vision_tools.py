@@ -1,0 +1,104 @@
+"""The shipped vision weights, run for real on generated photographs (and on real ones when present)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ophglm.finetune.datasets import CLASSIFIER_CLASSES, classification_records, lesion_records, split_of
+from ophglm.finetune.metrics import auroc_per_class, aupr
+from ophglm.session import Session
+from ophglm.tools.classify_fundus import CLASSIFIER_FILE, ClassifyFundus
+from ophglm.tools.segment_lesions import SEGMENTER_FILE, SegmentLesions
+from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+from ophglm.tools.vision import weights_path
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return ClassifyFundus()
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return SegmentLesions()
+
+
+@pytest.mark.parametrize("filename", [CLASSIFIER_FILE, SEGMENTER_FILE])
+def test_shipped_weights_have_a_model_card_with_measured_figures(filename):
+    path = weights_path(filename)
+    assert path.is_file() and path.stat().st_size < 25_000_000
+    card = path.with_suffix(".md").read_text()
+    report = json.loads(path.with_suffix(".json").read_text())
+    assert "validation_images" in report
+    assert "ophglm train" in card, "the card gives the command that made the weights"
+
+
+def test_classifier_probabilities_are_calibrated_and_batched(classifier):
+    session = Session()
+    image_id = session.add_image(make_synthetic_fundus(512, seed=1).image)
+    result = classifier(session, image_id=image_id)
+    probs = {c: p["value"] for c, p in result.findings["probabilities"].items()}
+    assert set(CLASSIFIER_CLASSES) == set(probs) and abs(sum(probs.values()) - 1) < 0.01
+    assert result.findings["most_likely"] == max(probs, key=probs.get)
+    images = [make_synthetic_fundus(384, seed=s).image for s in (1, 2)]
+    batched = classifier.predict(images)
+    single = [classifier.predict([im])[0] for im in images]
+    for b, s in zip(batched, single):
+        assert max(abs(b[c] - s[c]) for c in b) < 1e-4
+
+
+def test_segmenter_reports_units_and_an_overlay(segmenter):
+    fundus = make_synthetic_fundus(768, seed=3)
+    session = Session()
+    image_id = session.add_image(fundus.image)
+    result = segmenter(session, image_id=image_id)
+    lesions = result.findings["lesions"]
+    assert set(lesions) == {"MA", "HE", "EX", "SE"}
+    for finding in lesions.values():
+        assert finding["count"]["unit"] == "lesions" and finding["area"]["unit"] == "% of field of view"
+        assert finding["count"]["value"] >= 0 and 0 <= finding["area"]["value"] <= 100
+    overlay = Image.open(io.BytesIO(result.artifacts[result.findings["overlay"]]))
+    assert overlay.format == "PNG" and overlay.size == (512, 512)
+
+
+def test_segmenter_finds_the_planted_optic_disc(segmenter):
+    fundus = make_synthetic_fundus(768, seed=5, lesions=False)
+    session = Session()
+    result = segmenter(session, image_id=session.add_image(fundus.image))
+    disc = result.findings["optic_disc"]
+    assert disc["detected"]
+    # the fundus square of a full-aperture photo is the aperture's bounding box
+    side = fundus.fov.shape[0]
+    rows, cols = np.flatnonzero(fundus.fov.any(1)), np.flatnonzero(fundus.fov.any(0))
+    expected_x = (fundus.disc_center[0] - cols[0]) / (cols[-1] - cols[0] + 1)
+    expected_y = (fundus.disc_center[1] - rows[0]) / (rows[-1] - rows[0] + 1)
+    assert abs(disc["center"]["x"] - expected_x) < 0.06 and abs(disc["center"]["y"] - expected_y) < 0.06, (disc, expected_x, expected_y, side)
+
+
+@pytest.mark.data
+def test_classifier_separates_real_validation_photographs(classifier, shared_data):
+    classifier.setup()
+    records = [r for r in classification_records(shared_data) if split_of(r.group) == "val"]
+    rng = np.random.default_rng(0)
+    sample = [records[i] for i in rng.choice(len(records), 120, replace=False)]
+    probs = np.array([[p[c] for c in CLASSIFIER_CLASSES] for p in classifier.predict([Image.open(r.path).convert("RGB") for r in sample])])
+    labels = np.array([CLASSIFIER_CLASSES.index(r.label) for r in sample])
+    scores = auroc_per_class(probs, labels, CLASSIFIER_CLASSES)
+    assert np.nanmean(list(scores.values())) > 0.85, scores
+
+
+@pytest.mark.data
+def test_segmenter_finds_real_exudates_and_discs(segmenter, shared_data):
+    records = [r for r in lesion_records(shared_data) if split_of(r.group) == "val"][:4]
+    segmenter.setup()
+    for record in records:
+        image = Image.open(record.image).convert("RGB")
+        probs = segmenter.probabilities([image.resize((512, 512))])[0]
+        classes = segmenter.config["classes"]
+        for code in ("EX", "OD"):
+            truth = np.asarray(Image.open(record.masks[code]).convert("L").resize((512, 512), Image.NEAREST)) > 127
+            if truth.any():
+                assert aupr(probs[classes.index(code)], truth) > 0.3, (record.image.name, code)
