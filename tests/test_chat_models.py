@@ -14,7 +14,7 @@ from ophglm.tools.search_knowledge import SearchKnowledge
 
 
 class OpenAIStub(BaseHTTPRequestHandler):
-    """Answers /v1/chat/completions like vLLM would: first a tool call, then text."""
+    """Answers /v1/chat/completions like vLLM would (streamed or not): first a tool call, then text."""
 
     requests: list[dict] = []
 
@@ -22,16 +22,23 @@ class OpenAIStub(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         OpenAIStub.requests.append(body)
         if len(OpenAIStub.requests) == 1:
-            message = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+            message = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                        "function": {"name": "search_knowledge", "arguments": json.dumps({"query": "cataract surgery"})}}]}
+            finish = "tool_calls"
         else:
-            message = {"role": "assistant", "content": "Cataract is treated by surgery."}
-        payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(payload).encode()
+            message, finish = {"role": "assistant", "content": "Cataract is treated by surgery."}, "stop"
+        head = {"id": "x", "created": 0, "model": body["model"]}
+        if body.get("stream"):
+            events = [{**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": message, "finish_reason": None}]},
+                      {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+            data = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+            kind = "text/event-stream"
+        else:
+            data = json.dumps({**head, "object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            kind = "application/json"
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

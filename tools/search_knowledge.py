@@ -14,6 +14,14 @@ from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolResult
 
 
+EXCERPT_WORDS = 60
+
+
+def _excerpt(text: str) -> str:
+    words = text.split()
+    return " ".join(words[:EXCERPT_WORDS]) + (" ..." if len(words) > EXCERPT_WORDS else "")
+
+
 class KnowledgeQuery(BaseModel):
     query: str = Field(min_length=2, max_length=500, description="what to look up, in plain words")
 
@@ -37,8 +45,10 @@ class SearchKnowledge(Tool):
             self.index = KnowledgeIndex(self.settings)
 
     def run(self, inputs: KnowledgeQuery, session: Session) -> ToolResult:
-        passages = self.index.search(inputs.query)
+        passages = self.index.search(inputs.query, k=3)
         if not passages:
             return ToolResult(summary=f"The knowledge base has nothing relevant to {inputs.query!r}.", findings={"query": inputs.query, "passages": []})
-        text = "\n".join(f"[{p.id}] {p.title} - {p.section}: {p.text}" for p in passages)
+        # The LLM reads a short excerpt of each passage: on a CPU every prompt token costs
+        # (~250 tokens/s prefill for SmolLM2); the person gets the whole passage as a citation.
+        text = "\n".join(f"[{p.id}] {p.title} - {p.section}: {_excerpt(p.text)}" for p in passages)
         return ToolResult(summary=text, findings={"query": inputs.query, "passages": [p.id for p in passages]}, citations=[p.citation() for p in passages])
