@@ -2,7 +2,7 @@
 
 Recipe (STACK.md measured it): ImageNet EfficientNet-Lite0 from a PyPI package, fundus
 crop, flips / rotation / colour / blur / JPEG re-encoding (the last three against the
-camera-source shortcut), class-balanced sampling, AdamW with cosine decay, a time budget
+camera-source shortcut), sampling balanced over classes and camera sources, AdamW with cosine decay, a time budget
 instead of a fixed epoch count, the best epoch by validation macro AUROC, then one
 temperature fitted on validation so the probabilities are calibrated.
 """
@@ -74,6 +74,20 @@ def _transforms(size: int, train: bool) -> v2.Compose:
     ])
 
 
+def _balanced_weights(records: list[Record]) -> list[float]:
+    """Equal sampling mass per class, shared equally by the camera sources within a class.
+
+    In the four-class set every DR photograph comes from one source (EyePACS-style) and the
+    other classes from another (ODIR-style): sampled by class alone, "which camera" predicts
+    "DR". Giving IDRiD's DR and normal photographs (one camera, both labels) their share of
+    each class makes the camera useless as a cue.
+    """
+    camera = [r.source.split("-")[0] for r in records]  # "odir-png", "odir-augmented" are ODIR too
+    cells = Counter((r.label, c) for r, c in zip(records, camera))
+    sources_per_label = Counter(label for label, _ in cells)
+    return [1.0 / (sources_per_label[r.label] * cells[(r.label, c)]) for r, c in zip(records, camera)]
+
+
 @torch.no_grad()
 def _predict(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
@@ -97,7 +111,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     train_set = _Photos(_load(train, load_size), [index[r.label] for r in train], _transforms(cfg.image_size, True))
     val_set = _Photos(_load(val, load_size), [index[r.label] for r in val], _transforms(cfg.image_size, False))
     counts = Counter(train_set.labels)
-    sampler = torch.utils.data.WeightedRandomSampler([1.0 / counts[y] for y in train_set.labels], len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = torch.utils.data.WeightedRandomSampler(_balanced_weights(train), len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
     # One worker augments the next batch while the model trains on this one.
     train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=1, persistent_workers=True)
     val_loader = torch.utils.data.DataLoader(val_set, 64)

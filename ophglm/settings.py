@@ -35,7 +35,7 @@ class Settings:
     llm_served_model: str = "ophglm"
     llm_api_key: str = "EMPTY"
     # Upper bound on tokens the LLM writes per step: small models ramble.
-    llm_max_new_tokens: int = 256
+    llm_max_new_tokens: int = 160
     # URL of an OphGLM tool server ("" = run the vision tools in this process).
     tools_url: str = ""
     # Chroma: a local folder (embedded PersistentClient) unless chroma_url names a server.

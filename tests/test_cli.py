@@ -16,7 +16,8 @@ def ophglm(*args, env_extra=None, timeout=600):
 
 @pytest.fixture
 def chroma_env(settings):
-    return {"OPHGLM_CHROMA_PATH": str(settings.chroma_folder)}
+    # A short answer is enough to test the whole path; every generated token costs CPU time.
+    return {"OPHGLM_CHROMA_PATH": str(settings.chroma_folder), "OPHGLM_LLM_MAX_NEW_TOKENS": "48"}
 
 
 def test_demo_image_then_analyze_json_with_overlay(tmp_path):
