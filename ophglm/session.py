@@ -92,7 +92,3 @@ class Session:
             known = ", ".join(self.images) or "none"
             raise KeyError(f"unknown image_id {image_id!r} (images in this session: {known})")
         return self.images[image_id]
-
-    @property
-    def latest_image_id(self) -> str | None:
-        return next(reversed(self.images), None)
