@@ -45,7 +45,10 @@ def check_answer(answer: str, evidence: list[str], citation_ids: set[str]) -> Gr
     """Drop sentences with numbers or citations that no tool result of this turn supports."""
     allowed = supported_numbers(evidence)
     kept, removed = [], []
-    for sentence in SENTENCE.split(answer.strip()):
+    sentences = SENTENCE.split(answer.strip())
+    if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?", ")", "]")):
+        sentences.pop()  # cut off by the token limit: a half sentence can mislead
+    for sentence in sentences:
         bad_numbers = [n for n in NUMBER.findall(sentence) if n not in allowed and f"{float(n):g}" not in allowed]
         bad_citations = [c for c in CITATION.findall(sentence) if c not in citation_ids]
         if bad_numbers or bad_citations:

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+# Small models echo the wrapper of the tool results they were shown; it is never answer text.
+ECHOED_TAG = re.compile(r"</?tool_response[^>]*>")
 
 
 @dataclass
@@ -56,7 +58,7 @@ def _first_json_object(text: str) -> dict | None:
 
 def parse_reply(text: str, allowed: set[str] | None = None) -> ParsedReply:
     """Split model text into prose and tool calls; collect what could not be used and why."""
-    reply = ParsedReply(content=TOOL_CALL.sub("", text).strip())
+    reply = ParsedReply(content=ECHOED_TAG.sub("", TOOL_CALL.sub("", text)).strip())
     for raw in TOOL_CALL.findall(text):
         call = _first_json_object(raw)
         if call is None or "name" not in call:

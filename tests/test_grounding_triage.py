@@ -18,6 +18,10 @@ def test_invented_numbers_and_citations_are_removed_and_reported():
     assert "citation [glaucoma#treatment-and-prevention] was not retrieved" in result.removed[1]
 
 
+def test_a_sentence_cut_off_by_the_token_limit_is_dropped():
+    assert check_answer("Glaucoma damages the optic nerve. It is often", [], set()).text == "Glaucoma damages the optic nerve."
+
+
 def _findings(probs: dict, counts: dict) -> dict:
     return {
         "classify_fundus": {"probabilities": {k: {"value": v, "unit": "probability"} for k, v in probs.items()}},

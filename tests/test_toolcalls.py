@@ -14,6 +14,10 @@ def test_round_trip_of_a_rendered_call():
     assert not reply.errors
 
 
+def test_echoed_tool_response_tags_are_not_answer_text():
+    assert parse_reply('<tool_response name="search_knowledge">\nGlaucoma is treatable.</tool_response>', ALLOWED).content == "Glaucoma is treatable."
+
+
 def test_several_calls_trailing_words_and_an_unclosed_tag():
     text = ('<tool_call>{"name": "classify_fundus", "arguments": {"image_id": "a"}} thanks</tool_call>\n'
             '<tool_call>{"name": "search_knowledge", "arguments": {"query": "glaucoma"}}')
