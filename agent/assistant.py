@@ -20,6 +20,7 @@ from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import StructuredTool
 from langgraph.checkpoint.memory import InMemorySaver
+from PIL import Image
 
 from ophglm import DISCLAIMER
 from ophglm.agent.grounding import check_answer
@@ -142,13 +143,15 @@ class Assistant:
 
         return StructuredTool.from_function(run, name=tool.name, description=tool.description, args_schema=tool.inputs, response_format="content_and_artifact")
 
-    def add_image(self, image: str | Path | bytes) -> str:
-        """A file path or the uploaded file's bytes; raises ImageError naming the problem."""
+    def add_image(self, image: str | Path | bytes | Image.Image) -> str:
+        """A file path, an uploaded file's bytes, or an already decoded photograph (decoded once)."""
+        if isinstance(image, Image.Image):
+            return self.session.add_image(image.convert("RGB"))
         if isinstance(image, bytes):
             return self.session.add_image(decode_image(image, "uploaded image"), image)
         return self.session.add_image_file(image)
 
-    def ask(self, text: str, image: str | Path | bytes | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
+    def ask(self, text: str, image: str | Path | bytes | Image.Image | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
         """One turn: the question (and optionally a new photograph) in, a checked reply out."""
         text = text.strip()
         if not text:
@@ -174,7 +177,7 @@ class Assistant:
         reply = Reply(answer="")
         # A follow-up may quote an earlier turn's results: every tool result of the session is evidence.
         evidence = [m.text for m in history if isinstance(m, ToolMessage) and "error" not in (m.artifact or {})]
-        cited_before = {c["id"] for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
+        retrieved_ids = {c["id"] for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
@@ -192,7 +195,7 @@ class Assistant:
             reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
-        grounded = check_answer(final.text if final else "", evidence, cited_before)
+        grounded = check_answer(final.text if final else "", evidence, retrieved_ids)
         reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:

@@ -6,3 +6,6 @@ DISCLAIMER = (
     "OphGLM is a research assistant, not a medical device: this is not a diagnosis. "
     "Have any concern about your eyes checked by an eye-care professional."
 )
+
+# Failures a user can cause (bad file, bad setting, unknown id): reported in one line, never a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError)

@@ -12,9 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from ophglm import DISCLAIMER
+from ophglm import DISCLAIMER, USER_ERRORS
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError)
 
 
 def _settings(args):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -37,11 +36,11 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import ToolMessage
 from langchain_core.tracers.context import register_configure_hook
 from langgraph.checkpoint.sqlite import SqliteSaver
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from ophglm import __version__
+from ophglm import USER_ERRORS, __version__
 from ophglm.session import ImageError, decode_image
 from ophglm.settings import Settings
 
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64  # in memory at once, each with its photographs (up to ~100 MB); others reload from SQLite
 MAX_TEXT_BYTES = 64_000  # the question field; the rest of a request's budget is the photograph
-USER_ERRORS = (ValueError, RuntimeError, KeyError, FileNotFoundError)
 AssistantFactory = Callable[[str, Any], Any]  # (session id, checkpointer) -> an Assistant on that thread
 
 # A LangChain callback handler set here is added to every run started in this context: that is
@@ -243,9 +241,8 @@ def create_app(settings: Settings, assistant_factory: AssistantFactory | None = 
         """Ask a question, optionally with a photograph; the reply streams as server-sent events."""
         state = await asyncio.to_thread(sessions.get, session_id)  # reopening one may load the models
         text, image = await _read_message(request, settings)
-        if image is not None:
-            await asyncio.to_thread(_check_image, image, settings)
-        return StreamingResponse(_run_turn(state, text, image), media_type="text/event-stream",
+        photo = await asyncio.to_thread(_decode_upload, image, settings) if image is not None else None
+        return StreamingResponse(_run_turn(state, text, photo), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.get("/sessions/{session_id}/artifacts/{artifact_id}", response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -305,24 +302,18 @@ async def _read_message(request: Request, settings: Settings) -> tuple[str, byte
     return text, data
 
 
-def _check_image(data: bytes, settings: Settings) -> None:
-    """Refuse a photograph before the stream starts, so the status code can say what is wrong."""
+IMAGE_ERROR_STATUS = {"not_image": 415, "too_large": 413, "unusable": 400}
+
+
+def _decode_upload(data: bytes, settings: Settings) -> Image.Image:
+    """Decode the photograph once, before the stream starts, so the status code can say what is wrong."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except UnidentifiedImageError:
-        raise _fail(415, "the upload is not an image file Pillow can read (JPEG, PNG, TIFF, ...)") from None
-    except Image.DecompressionBombError:
-        raise _fail(413, f"the photograph has more pixels than the limit of {settings.max_upload_pixels:,}") from None
-    if width * height > settings.max_upload_pixels:
-        raise _fail(413, f"the photograph is {width}x{height} pixels, above the limit of {settings.max_upload_pixels:,}")
-    try:
-        decode_image(data, "the photograph")
+        return decode_image(data, "the photograph", max_pixels=settings.max_upload_pixels)
     except ImageError as err:
-        raise _fail(400, str(err)) from None
+        raise _fail(IMAGE_ERROR_STATUS[err.kind], str(err)) from None
 
 
-async def _run_turn(state: _Conversation, text: str, image: bytes | None):
+async def _run_turn(state: _Conversation, text: str, image: Image.Image | None):
     """Run the blocking turn in a worker thread and yield its events as they happen."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

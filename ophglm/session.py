@@ -20,10 +20,18 @@ MAX_PIXELS = 40_000_000  # above a 4288x2848 IDRiD photograph with margin; stops
 
 
 class ImageError(ValueError):
-    """A photograph that cannot be used, with a message naming the problem."""
+    """A photograph that cannot be used, with a message naming the problem.
+
+    `kind` says which problem, so the HTTP API can answer 415 / 413 / 400 without
+    decoding the upload a second time: "not_image", "too_large" or "unusable".
+    """
+
+    def __init__(self, message: str, kind: str = "unusable"):
+        super().__init__(message)
+        self.kind = kind
 
 
-def decode_image(data: bytes, name: str = "image") -> Image.Image:
+def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode bytes to an 8-bit RGB image, or raise ImageError saying what is wrong."""
     if not data:
         raise ImageError(f"{name} is empty (0 bytes)")
@@ -32,9 +40,11 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
             width, height = probe.size
             kind = probe.format
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image file Pillow can read (JPEG, PNG, TIFF, ...)") from None
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"{name} is {width}x{height} pixels, above the limit of {MAX_PIXELS:,}")
+        raise ImageError(f"{name} is not an image file Pillow can read (JPEG, PNG, TIFF, ...)", "not_image") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, far above ours: still a size problem
+        raise ImageError(f"{name} has more pixels than the limit of {max_pixels:,}", "too_large") from None
+    if width * height > max_pixels:
+        raise ImageError(f"{name} is {width}x{height} pixels, above the limit of {max_pixels:,}", "too_large")
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"{name} is {width}x{height} pixels; a fundus photograph needs at least {MIN_SIDE} px a side")
     try:

@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ophglm.session import MAX_PIXELS
+
 LLM_BACKENDS = ("local", "openai")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,7 +57,7 @@ class Settings:
     api_key: str = ""
     # `ophglm serve`: the largest photograph accepted, in bytes and in pixels (width x height).
     max_upload_bytes: int = 20_000_000
-    max_upload_pixels: int = 40_000_000
+    max_upload_pixels: int = MAX_PIXELS
     # `ophglm serve`: SQLite file keeping conversations (text and findings, never images) across restarts;
     # "" = <cache_dir>/sessions.sqlite, ":memory:" = keep nothing on disk.
     sessions_db: str = ""

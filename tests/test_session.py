@@ -59,3 +59,21 @@ def test_images_are_stored_by_content_hash(tmp_path):
     assert first == second and first.startswith("img-")
     with pytest.raises(KeyError, match="unknown image_id 'img-000'"):
         session.image("img-000")
+
+
+def test_image_errors_say_which_kind_of_problem():
+    with pytest.raises(ImageError) as not_image:
+        decode_image(b"plain text")
+    big = _encode(Image.new("RGB", (400, 300)), "PNG")
+    with pytest.raises(ImageError, match="400x300 pixels, above the limit of 100,000") as too_large:
+        decode_image(big, max_pixels=100_000)
+    with pytest.raises(ImageError) as unusable:
+        decode_image(_encode(Image.new("RGB", (8, 8)), "PNG"))
+    assert (not_image.value.kind, too_large.value.kind, unusable.value.kind) == ("not_image", "too_large", "unusable")
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own guard, scaled down to a test image
+    with pytest.raises(ImageError, match="more pixels than the limit") as bomb:
+        decode_image(_encode(Image.new("RGB", (100, 100)), "PNG"))
+    assert bomb.value.kind == "too_large"

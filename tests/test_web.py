@@ -86,7 +86,7 @@ def test_photo_question_streams_into_the_page(page, demo_fundus_path, tmp_path):
     page.set_input_files("#photo", str(notes))
     page.fill("#question", "And this one?")
     page.click("#send")
-    expect(page.locator(".msg.bot").last.locator(".error")).to_contain_text("415: the upload is not an image file")
+    expect(page.locator(".msg.bot").last.locator(".error")).to_contain_text("415: the photograph is not an image file")
 
     expect(page.locator("#disclaimer")).to_be_in_viewport()
     assert [p for p in page.problems if "415" not in p] == [], "no console errors and nothing fetched from elsewhere"
