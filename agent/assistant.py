@@ -146,7 +146,7 @@ class Assistant:
     def add_image(self, image: str | Path | bytes | Image.Image) -> str:
         """A file path, an uploaded file's bytes, or an already decoded photograph (decoded once)."""
         if isinstance(image, Image.Image):
-            return self.session.add_image(image.convert("RGB"))
+            return self.session.add_image(image if image.mode == "RGB" else image.convert("RGB"))
         if isinstance(image, bytes):
             return self.session.add_image(decode_image(image, "uploaded image"), image)
         return self.session.add_image_file(image)

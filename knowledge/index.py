@@ -168,13 +168,17 @@ class KnowledgeIndex:
         from chromadb.errors import NotFoundError
 
         vector = embed_query(text)
+
+        def query():
+            return self.collection().query(query_embeddings=vector, n_results=min(n, len(self.chunks)), include=["distances"])
+
         try:
-            result = self.collection().query(query_embeddings=vector, n_results=min(n, len(self.chunks)), include=["distances"])
+            result = query()
         except NotFoundError:
             # another process rebuilt or retired the collection this handle points to: reopen
             with self._lock:
                 self._collection = None
-            result = self.collection().query(query_embeddings=vector, n_results=min(n, len(self.chunks)), include=["distances"])
+            result = query()
         return {id_: 1.0 - float(d) for id_, d in zip(result["ids"][0], result["distances"][0])}
 
     def retriever(self):

@@ -81,11 +81,11 @@ def cmd_ask(args) -> None:
 
     from ophglm.session import read_image_file
 
-    if args.image:
-        read_image_file(args.image)  # fail fast on a bad image, before the LLM loads
+    # Decode first: a bad image fails fast, before the LLM loads, and is decoded only once.
+    image = read_image_file(args.image)[0] if args.image else None
     assistant = Assistant(_settings(args))
     stream = None if args.json else (lambda token: print(token, end="", flush=True))
-    reply = assistant.ask(args.question, image=args.image, on_token=stream)
+    reply = assistant.ask(args.question, image=image, on_token=stream)
     if args.json:
         _print_json(reply.to_dict())
     else:
