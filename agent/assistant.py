@@ -1,8 +1,10 @@
 """One OphGLM conversation: LangChain's `create_agent` loop over our tools, gated and checked.
 
 Deterministic gates act before the LLM must decide (STACK.md: a small model's weakest
-skill is choosing the next tool): a turn that brings a photograph runs the classifier and
-the lesion segmenter, and every turn retrieves knowledge, before the LLM writes. The LLM
+skill is choosing the next tool): a turn that brings a photograph first runs the quality
+gate (a rejected image ends the turn with a refusal and its reason, no LLM and no
+diagnosis), then the classifier, the lesion segmenter and the disc measurement; every turn
+retrieves knowledge before the LLM writes. The LLM
 may call further tools itself. Its answer is then checked against this turn's tool results
 (grounding.py), the triage level comes from the rule table (triage.py), and the reply
 carries findings, citations, the overlay and the disclaimer.
@@ -37,12 +39,23 @@ SYSTEM_PROMPT = (
     "for example [glaucoma#causes-and-symptoms]. If the tools found nothing relevant, say that you do not know. "
     "You do not diagnose: you describe what the tools found."
 )
-EXAMINE = ("classify_fundus", "segment_lesions")
+QUALITY_GATE = "assess_quality"
+EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
 MAX_MODEL_CALLS = 4  # per turn: then the model must answer without tools
 
 
 def _call(name: str, args: dict) -> dict:
     return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+
+
+def rejected_image(turn: list) -> str:
+    """The refusal for a photograph the quality gate rejected in this turn, else ''."""
+    for message in turn:
+        findings = (message.artifact or {}).get("findings", {}) if isinstance(message, ToolMessage) and message.name == QUALITY_GATE else {}
+        if findings and not (findings["is_fundus"] and findings["gradable"]):
+            return (f"I cannot assess this image: it is {findings['verdict']}. "
+                    "Please send a clear colour photograph of the back of the eye (a fundus photograph).")
+    return ""
 
 
 def _this_turn(messages: list) -> tuple[HumanMessage | None, list]:
@@ -65,6 +78,10 @@ class ToolGates(AgentMiddleware):
             return handler(request)
         done = {m.name for m in turn if isinstance(m, ToolMessage)}
         image_id = human.additional_kwargs.get("image_id")
+        if image_id and QUALITY_GATE in self.tool_names and QUALITY_GATE not in done:
+            return AIMessage(content="", tool_calls=[_call(QUALITY_GATE, {"image_id": image_id})])
+        if image_id and (refusal := rejected_image(turn)):
+            return AIMessage(content=refusal)
         if image_id and not done & set(EXAMINE):
             calls = [_call(name, {"image_id": image_id}) for name in EXAMINE if name in self.tool_names]
             if calls:
@@ -102,6 +119,8 @@ class Reply:
     citations: list[dict] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
     triage: Triage | None = None
+    refused: bool = False
+    refusal_reason: str = ""
     notes: list[str] = field(default_factory=list)
     disclaimer: str = DISCLAIMER
 
@@ -205,4 +224,6 @@ class Assistant:
         if not reply.citations and "search_knowledge" in reply.findings:
             reply.answer += " The knowledge base does not cover this question."
         reply.triage = triage(self.session.findings)
+        if refusal := rejected_image(turn):
+            reply.refused, reply.refusal_reason, reply.triage = True, refusal, None
         return reply

@@ -4,8 +4,7 @@ Levels: urgent (same day / within days), soon (within weeks), routine (next plan
 review), none (no referable finding). The first matching rule decides; each rule carries
 its reason, which the reply shows. Rules only read findings the tools produced, so a level
 is always traceable. Signs the current tools cannot see (neovascularisation, retinal
-detachment, macular involvement of exudates) cannot raise a level yet: the reason says so
-when the image looks abnormal.
+detachment) cannot raise a level: the "uncertain" reason says so when nothing matches.
 """
 
 from __future__ import annotations
@@ -31,12 +30,25 @@ def _count(findings: dict, code: str) -> int:
     return findings.get("segment_lesions", {}).get("lesions", {}).get(code, {}).get("count", {}).get("value", 0)
 
 
+def _macular_exudates(findings: dict) -> bool:
+    return bool(findings.get("segment_lesions", {}).get("macular_exudates", {}).get("value")) and _count(findings, "EX") > 0
+
+
+def _cdr(findings: dict) -> float:
+    disc = findings.get("measure_optic_disc", {})
+    return disc.get("vertical_cdr", {}).get("value", 0.0) if disc.get("reliable") else 0.0
+
+
 # (rule id, level, condition over findings, reason)
 RULES: list[tuple[str, str, Callable[[dict], bool], str]] = [
+    ("macular-exudates", "urgent", _macular_exudates,
+     "hard exudates lie within one disc diameter of the fovea (possible macular oedema, sight-threatening): refer urgently"),
     ("dr-moderate-signs", "soon", lambda f: _p(f, "diabetic_retinopathy") >= 0.5 and (_count(f, "HE") >= 5 or _count(f, "SE") >= 1),
      "diabetic retinopathy is likely and there are several haemorrhages or cotton-wool spots: refer to an eye clinic within weeks"),
     ("glaucoma-suspect", "soon", lambda f: _p(f, "glaucoma") >= 0.5,
      "the optic disc looks glaucomatous: refer for eye pressure, optic nerve and visual field tests within weeks"),
+    ("large-cup", "soon", lambda f: _cdr(f) >= 0.7,
+     "the vertical cup-to-disc ratio is 0.7 or more: refer for a glaucoma assessment within weeks"),
     ("pathologic-myopia", "soon", lambda f: _p(f, "pathologic_myopia") >= 0.5,
      "signs of pathologic myopia: refer for a retinal examination (OCT) within weeks"),
     ("dr-mild", "routine", lambda f: _p(f, "diabetic_retinopathy") >= 0.5,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 CLASSIFIER_CLASSES = ("normal", "diabetic_retinopathy", "glaucoma", "cataract", "pathologic_myopia")
 SEGMENTER_CLASSES = ("MA", "HE", "EX", "SE", "OD")
+DISC_CUP_CLASSES = ("disc", "cup")
+VESSEL_CLASSES = ("vessel",)
 VALIDATION_PERCENT = 15
 
 
@@ -93,6 +95,7 @@ class MaskedImage:
     image: Path
     masks: dict[str, Path]  # class -> binary mask PNG
     group: str
+    fov: Path | None = None  # camera-aperture mask, where the dataset gives one (DRIVE)
 
 
 def lesion_records(root: Path, folder: str = "idrid_512") -> list[MaskedImage]:
@@ -102,4 +105,27 @@ def lesion_records(root: Path, folder: str = "idrid_512") -> list[MaskedImage]:
         masks = {c: base / "masks" / f"{image.stem}_{c}.png" for c in SEGMENTER_CLASSES}
         if all(p.is_file() for p in masks.values()):
             records.append(MaskedImage(image, masks, f"idrid:{image.stem}"))
+    return records
+
+
+def disc_cup_records(root: Path) -> list[MaskedImage]:
+    """Drishti-GS optic-disc crops with disc (cup included) and cup masks."""
+    base = root / "drishti_gs"
+    records = []
+    for image in sorted((base / "images").glob("*.png")):
+        masks = {c: base / "masks" / f"{image.stem}_{c}.png" for c in DISC_CUP_CLASSES}
+        if all(p.is_file() for p in masks.values()):
+            records.append(MaskedImage(image, masks, f"drishti:{image.stem}"))
+    return records
+
+
+def vessel_records(root: Path) -> list[MaskedImage]:
+    """DRIVE photographs with their manual vessel masks and aperture masks."""
+    base = root / "drive"
+    records = []
+    for image in sorted((base / "images").glob("*_training.png")):
+        number = image.stem.split("_")[0]
+        vessel, fov = base / "vessels" / f"{number}_manual1.png", base / "fov" / f"{image.stem}_mask.png"
+        if vessel.is_file():
+            records.append(MaskedImage(image, {"vessel": vessel}, f"drive:{number}", fov if fov.is_file() else None))
     return records

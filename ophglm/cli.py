@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="classifier: efficientnet_lite0 | convnext_atto | convnext_nano | convnext_tiny")
     p.add_argument("--pretrained", help="classifier: imagenet (packaged Lite0), '' (scratch) or a checkpoint path")
     p.add_argument("--encoder", help="segmenter: tu-efficientnet_lite0 | tu-convnext_atto")
+    p.add_argument("--init", help="segmenter: continue training from this weights file")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--task", choices=["lesions", "disc_cup", "vessels"], help="segmenter: which Unet (default lesions)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -85,6 +85,7 @@ class Session:
     images: dict[str, Image.Image] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     findings: dict[str, dict] = field(default_factory=dict)
+    quality: dict[str, object] = field(default_factory=dict)  # image_id -> the quality gate's verdict
 
     def add_image(self, image: Image.Image, data: bytes | None = None) -> str:
         """Store a decoded image and return its id (a hash of the file bytes, else of the pixels)."""

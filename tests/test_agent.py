@@ -8,6 +8,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 from ophglm import DISCLAIMER
 from ophglm.agent.assistant import Assistant
 from ophglm.agent.scripted_model import ScriptedChatModel
+from ophglm.tools.base import ToolError
 from ophglm.tools.registry import load_tools
 from ophglm.tools.search_knowledge import SearchKnowledge
 
@@ -28,7 +29,7 @@ def _answer_from_tools(messages):
     classified = _tool_text(messages, "classify_fundus")
     label, prob = re.search(r": ([a-z ()]+?) (\d\.\d\d)", classified).groups()
     citation = re.search(r"\[([a-z_]+#[a-z-]+)\]", _tool_text(messages, "search_knowledge"))[1]
-    return f"The classifier gives {label} a probability of {prob} [{citation}]. The cup-to-disc ratio is 0.93."
+    return f"The classifier gives {label} a probability of {prob} [{citation}]. The macula is 7.77 mm thick."
 
 
 def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, demo_fundus_path):
@@ -36,18 +37,19 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     assistant = Assistant(settings, chat_model=model, tools=tools)
     reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
 
-    assert [c.name for c in reply.tool_calls] == ["classify_fundus", "segment_lesions", "search_knowledge"]
+    assert [c.name for c in reply.tool_calls] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc", "search_knowledge"]
     assert all(c.ok for c in reply.tool_calls)
     image_id = reply.findings["classify_fundus"]["image_id"]
     assert reply.tool_calls[0].args == {"image_id": image_id}
+    assert reply.findings["assess_quality"]["is_fundus"] and not reply.refused
     probs = reply.findings["classify_fundus"]["probabilities"]
     assert abs(sum(p["value"] for p in probs.values()) - 1) < 0.01
     assert all(p["unit"] == "probability" for p in probs.values())
     assert reply.findings["segment_lesions"]["lesions"]["HE"]["area"]["unit"] == "% of field of view"
     assert reply.artifacts and assistant.session.artifacts[reply.artifacts[0]].startswith(b"\x89PNG")
     # the invented cup-to-disc ratio is removed; the supported sentence with its citation stays
-    assert "0.93" not in reply.answer and "probability of" in reply.answer
-    assert any("number 0.93 not in any tool result" in n for n in reply.notes)
+    assert "7.77" not in reply.answer and "probability of" in reply.answer
+    assert any("number 7.77 not in any tool result" in n for n in reply.notes)
     assert f"[{reply.citations[0]['id']}]" in reply.answer
     assert reply.triage is not None and reply.triage.level in ("urgent", "soon", "routine", "none")
     assert reply.disclaimer == DISCLAIMER
@@ -99,3 +101,22 @@ def test_follow_up_turn_keeps_the_session(settings, tools, demo_fundus_path):
     assert [c.name for c in second.tool_calls] == ["search_knowledge"], "the image is not re-examined"
     assert second.triage == first.triage and second.triage is not None
     assert len(assistant.session.images) == 1
+
+
+@pytest.mark.parametrize("kind", ["document", "oct_scan", "photograph"])
+def test_a_non_fundus_image_is_refused_before_any_diagnosis(settings, tools, kind):
+    from ophglm.tools.non_fundus import non_fundus_images
+
+    image = next(im for k, im in non_fundus_images(20, seed=3) if k == kind)
+    model = ScriptedChatModel(steps=["This eye has glaucoma."])
+    assistant = Assistant(settings, chat_model=model, tools=tools)
+    reply = assistant.ask("Is this eye healthy?", image=image)
+    assert [c.name for c in reply.tool_calls] == ["assess_quality"]
+    assert reply.refused and "not a colour fundus photograph" in reply.refusal_reason
+    assert reply.answer.startswith("I cannot assess this image") and "glaucoma" not in reply.answer
+    assert reply.triage is None and "classify_fundus" not in reply.findings
+    assert model.prompts == [], "the LLM is not asked about a rejected image"
+    # the diagnostic tools themselves refuse it too, whoever calls them
+    image_id = next(iter(assistant.session.images))
+    with pytest.raises(ToolError, match="did not analyse"):
+        tools["classify_fundus"](assistant.session, image_id=image_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ophglm.session import Session
+from ophglm.tools.assess_quality import gradable_image
 from ophglm.tools.base import ImageInput, Tool, ToolResult
 from ophglm.tools.vision import fundus_square, load_weights, to_tensor, weights_path
 
@@ -49,7 +50,7 @@ class ClassifyFundus(Tool):
         return [{c: float(p[i]) for i, c in enumerate(classes)} for p in probs]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        probs = self.predict([session.image(inputs.image_id)])[0]
+        probs = self.predict([gradable_image(session, inputs.image_id, self.name)])[0]
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
         top, top_p = ranked[0]
         findings = {

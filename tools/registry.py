@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def builtin_tools(settings: Settings) -> list[Tool]:
+    from ophglm.tools.anatomy import MeasureOpticDisc, MeasureVessels
+    from ophglm.tools.assess_quality import AssessQuality
     from ophglm.tools.classify_fundus import ClassifyFundus
     from ophglm.tools.search_knowledge import SearchKnowledge
     from ophglm.tools.segment_lesions import SegmentLesions
@@ -26,7 +28,9 @@ def builtin_tools(settings: Settings) -> list[Tool]:
         # Not silently ignored: a user who points at a tool server must not get local tools unknowingly.
         raise ValueError(f"OPHGLM_TOOLS_URL={settings.tools_url}: the remote tool server is not implemented yet; unset it to run the tools in process")
     device = settings.torch_device()
-    return [ClassifyFundus(settings.weights_dir, device), SegmentLesions(settings.weights_dir, device), SearchKnowledge(settings)]
+    weights = settings.weights_dir
+    return [AssessQuality(), ClassifyFundus(weights, device), SegmentLesions(weights, device), MeasureOpticDisc(weights, device),
+            MeasureVessels(weights, device), SearchKnowledge(settings)]
 
 
 def plugin_tools(settings: Settings) -> list[Tool]:

@@ -2,8 +2,11 @@
 
 An smp Unet gives per-pixel probabilities for microaneurysms (MA), haemorrhages (HE), hard
 exudates (EX), soft exudates (SE) and the optic disc (OD); thresholds stored with the
-weights turn them into masks, connected components into counts, pixel sums into areas as a
-percentage of the camera's field of view. The overlay PNG is an artifact for the person.
+weights turn them into masks, connected components into counts, pixel sums into areas (as
+a percentage of the camera's field of view and in disc areas). With the disc found, the
+fovea is located (measurements.py) and each lesion kind gets its nearest distance from the
+fovea in disc diameters: hard exudates within 1 DD of the fovea mean the macula is
+involved, which the triage table treats as urgent. The overlay PNG is for the person.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from PIL import Image
 from scipy import ndimage
 
 from ophglm.session import Session
+from ophglm.tools.assess_quality import gradable_image
 from ophglm.tools.base import ImageInput, Tool, ToolResult
+from ophglm.tools.measurements import MACULA_RADIUS_DD, find_disc, locate_fovea, nearest_distance_dd
 from ophglm.tools.vision import fov_mask, fundus_square, load_weights, to_tensor, weights_path
 
 SEGMENTER_FILE = "fundus_lesions.safetensors"
@@ -36,6 +41,14 @@ def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _without_specks(mask: np.ndarray) -> np.ndarray:
+    labelled, count = ndimage.label(mask)
+    if not count:
+        return mask
+    sizes = ndimage.sum_labels(mask, labelled, range(1, count + 1))
+    return np.isin(labelled, np.flatnonzero(sizes >= MIN_COMPONENT_PIXELS) + 1)
 
 
 class SegmentLesions(Tool):
@@ -67,30 +80,46 @@ class SegmentLesions(Tool):
         probs = self.probabilities([square])[0]
         field = fov_mask(square)
         masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
+        for code in LESION_NAMES:  # specks are noise: counts, areas and distances all ignore them
+            masks[code] = _without_specks(masks[code])
         return square, masks, field
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        square, masks, field = self.masks(session.image(inputs.image_id))
+        square, masks, field = self.masks(gradable_image(session, inputs.image_id, self.name))
         field_pixels = max(int(field.sum()), 1)
+        side = square.width
+        disc = find_disc(masks["OD"])
+        fovea = locate_fovea(square, disc, field) if disc else None
         lesions, parts = {}, []
         for code, name in LESION_NAMES.items():
-            labelled, count = ndimage.label(masks[code])
-            sizes = ndimage.sum_labels(masks[code], labelled, range(1, count + 1)) if count else np.array([])
-            count = int((sizes >= MIN_COMPONENT_PIXELS).sum())
+            count = ndimage.label(masks[code])[1]
             area = 100.0 * float(masks[code].sum()) / field_pixels
-            lesions[code] = {"name": name, "count": {"value": count, "unit": "lesions"}, "area": {"value": round(area, 3), "unit": "% of field of view"}}
-            parts.append(f"{name}: {count} ({area:.2f}% of field)")
-        disc = masks["OD"]
-        if disc.sum() >= 50:
-            ys, xs = np.nonzero(disc)
-            side = square.width
-            optic_disc = {"detected": True, "center": {"x": round(float(xs.mean()) / side, 3), "y": round(float(ys.mean()) / side, 3), "unit": "fraction of image width"},
-                          "area": {"value": round(100.0 * float(disc.sum()) / field_pixels, 3), "unit": "% of field of view"}}
+            finding = {"name": name, "count": {"value": count, "unit": "lesions"}, "area": {"value": round(area, 3), "unit": "% of field of view"}}
+            part = f"{name}: {count} ({area:.2f}% of field"
+            if disc:
+                finding["area_disc_areas"] = {"value": round(float(masks[code].sum()) / disc.area, 3), "unit": "disc areas"}
+            if fovea and count:
+                distance = nearest_distance_dd(masks[code], fovea, disc.diameter)
+                finding["nearest_to_fovea"] = {"value": round(distance, 2), "unit": "disc diameters"}
+                part += f", nearest {distance:.2f} disc diameters from the fovea"
+            lesions[code] = finding
+            parts.append(part + ")")
+        findings = {"image_id": inputs.image_id, "lesions": lesions}
+        if disc:
+            findings["optic_disc"] = {"detected": True, "center": {"x": round(disc.x / side, 3), "y": round(disc.y / side, 3), "unit": "fraction of image width"},
+                                      "area": {"value": round(100.0 * disc.area / field_pixels, 3), "unit": "% of field of view"},
+                                      "diameter": {"value": round(disc.diameter / side, 4), "unit": "fraction of image width"}}
             parts.append("optic disc found")
         else:
-            optic_disc = {"detected": False}
-            parts.append("optic disc not found")
+            findings["optic_disc"] = {"detected": False}
+            parts.append("optic disc not found, so the fovea and distances were not measured")
+        if fovea:
+            findings["fovea"] = {"detected": True, "center": {"x": round(fovea[0] / side, 3), "y": round(fovea[1] / side, 3), "unit": "fraction of image width"}}
+            exudate = lesions["EX"].get("nearest_to_fovea", {}).get("value")
+            involved = exudate is not None and exudate <= MACULA_RADIUS_DD
+            findings["macular_exudates"] = {"value": involved, "unit": f"hard exudates within {MACULA_RADIUS_DD:g} disc diameter of the fovea"}
+            parts.append("hard exudates within 1 disc diameter of the fovea (macula involved)" if involved else "no hard exudates within 1 disc diameter of the fovea")
         overlay_id = f"overlay-{inputs.image_id}"
-        findings = {"image_id": inputs.image_id, "lesions": lesions, "optic_disc": optic_disc, "overlay": overlay_id}
+        findings["overlay"] = overlay_id
         summary = f"Lesions in {inputs.image_id}: " + "; ".join(parts) + f". Overlay saved as {overlay_id}."
         return ToolResult(summary=summary, findings=findings, artifacts={overlay_id: overlay_png(square, masks)})

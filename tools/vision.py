@@ -31,23 +31,31 @@ def fov_mask(image: Image.Image) -> np.ndarray:
     return rgb.max(axis=2) > FOV_THRESHOLD
 
 
+def fundus_box(image: Image.Image) -> tuple[int, int, int, int]:
+    """Bounding box of the camera aperture (the whole frame when it is almost all dark)."""
+    mask = fov_mask(image)
+    if mask.sum() < 0.05 * mask.size:
+        return (0, 0, image.width, image.height)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def square_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """Crop to `box` and pad (black) to a centred square; masks go through the same call."""
+    cropped = image.crop(box)
+    side = max(cropped.size)
+    square = Image.new(image.mode, (side, side))
+    square.paste(cropped, ((side - cropped.width) // 2, (side - cropped.height) // 2))
+    return square
+
+
 def fundus_square(image: Image.Image) -> Image.Image:
     """Crop to the aperture's bounding box and pad to a centred square.
 
     Camera frames differ (4288x2848 IDRiD, square ODIR crops); cropping to the fundus makes
     a lesion or the disc the same relative size whatever the camera.
     """
-    mask = fov_mask(image)
-    if mask.sum() < 0.05 * mask.size:  # almost all dark: nothing to crop to, keep the frame
-        box = (0, 0, image.width, image.height)
-    else:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    cropped = image.crop(box)
-    side = max(cropped.size)
-    square = Image.new("RGB", (side, side))
-    square.paste(cropped, ((side - cropped.width) // 2, (side - cropped.height) // 2))
-    return square
+    return square_crop(image, fundus_box(image))
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:

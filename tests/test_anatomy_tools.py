@@ -1,0 +1,100 @@
+"""Optic disc / cup and vessel tools, and the fundus geometry they rest on."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ophglm.finetune.datasets import disc_cup_records, split_of, vessel_records
+from ophglm.finetune.metrics import dice, pixel_auroc
+from ophglm.session import Session
+from ophglm.tools.anatomy import DISC_CUP_FILE, VESSEL_FILE, MeasureOpticDisc, MeasureVessels
+from ophglm.tools.measurements import find_disc, locate_fovea, nearest_distance_dd, vertical_cdr
+from ophglm.tools.segment_lesions import SegmentLesions
+from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+from ophglm.tools.vision import fov_mask, fundus_box, square_crop, weights_path
+
+
+def test_vertical_cdr_is_cup_height_over_disc_height():
+    disc, cup = np.zeros((100, 100), bool), np.zeros((100, 100), bool)
+    disc[20:80, 30:70] = True
+    cup[35:65, 40:60] = True
+    assert vertical_cdr(disc, cup) == pytest.approx(0.5)
+    assert vertical_cdr(disc, np.zeros_like(cup)) == 0.0
+    assert vertical_cdr(np.zeros_like(disc), cup) is None
+
+
+def test_disc_is_the_largest_region_and_distances_are_in_disc_diameters():
+    mask = np.zeros((200, 200), bool)
+    yy, xx = np.ogrid[:200, :200]
+    mask[(yy - 100) ** 2 + (xx - 150) ** 2 <= 20**2] = True
+    mask[5:8, 5:8] = True  # a speck elsewhere
+    disc = find_disc(mask)
+    assert (disc.x, disc.y) == pytest.approx((150, 100), abs=0.5) and disc.diameter == pytest.approx(40, rel=0.03)
+    spot = np.zeros_like(mask)
+    spot[100, 70] = True
+    assert nearest_distance_dd(spot, (50.0, 100.0), disc.diameter) == pytest.approx(0.5, rel=0.03)
+
+
+@pytest.mark.parametrize("seed,eye", [(1, "right"), (2, "left"), (8, "right")])
+def test_fovea_is_found_near_the_planted_one(seed, eye):
+    fundus = make_synthetic_fundus(512, seed=seed, lesions=False, eye=eye)
+    disc = find_disc(fundus.masks["OD"])
+    fovea = locate_fovea(fundus.image, disc, fundus.fov)
+    error_dd = np.hypot(fovea[0] - fundus.fovea_center[0], fovea[1] - fundus.fovea_center[1]) / disc.diameter
+    assert error_dd < 0.5, (fovea, fundus.fovea_center)
+
+
+def test_lesion_findings_carry_disc_areas_and_fovea_distances():
+    session = Session()
+    image_id = session.add_image(make_synthetic_fundus(768, seed=3).image)
+    findings = SegmentLesions()(session, image_id=image_id).findings
+    assert findings["fovea"]["detected"]
+    ex = findings["lesions"]["EX"]
+    assert ex["area_disc_areas"]["unit"] == "disc areas"
+    assert ex["nearest_to_fovea"]["unit"] == "disc diameters" and ex["nearest_to_fovea"]["value"] >= 0
+    assert findings["macular_exudates"]["value"] == (ex["nearest_to_fovea"]["value"] <= 1.0)
+
+
+@pytest.mark.parametrize("filename", [DISC_CUP_FILE, VESSEL_FILE])
+def test_anatomy_weights_ship_with_a_card(filename):
+    path = weights_path(filename)
+    assert path.is_file() and "ophglm train segmenter --task" in path.with_suffix(".md").read_text()
+
+
+def test_tools_measure_a_synthetic_fundus():
+    session = Session()
+    image_id = session.add_image(make_synthetic_fundus(768, seed=1).image)
+    disc = MeasureOpticDisc()(session, image_id=image_id).findings
+    assert 0.0 <= disc["vertical_cdr"]["value"] <= 1.0 and disc["vertical_cdr"]["unit"] == "ratio"
+    vessels = MeasureVessels()(session, image_id=image_id).findings
+    assert 2.0 < vessels["vessel_density"]["value"] < 30.0 and vessels["vessel_density"]["unit"] == "% of field of view"
+
+
+@pytest.mark.data
+def test_disc_and_cup_on_held_out_drishti_crops(shared_data):
+    tool = MeasureOpticDisc()
+    tool.setup()
+    records = [r for r in disc_cup_records(shared_data) if split_of(r.group) == "val"]
+    errors = []
+    for r in records:
+        masks = tool.unet.masks([Image.open(r.image).convert("RGB")])[0]
+        size = masks["disc"].shape[::-1]
+        truth = {c: np.asarray(Image.open(r.masks[c]).convert("L").resize(size, Image.NEAREST)) > 127 for c in ("disc", "cup")}
+        assert dice(masks["disc"], truth["disc"]) > 0.85, r.image.name
+        errors.append(abs(vertical_cdr(masks["disc"], masks["cup"]) - vertical_cdr(truth["disc"], truth["cup"])))
+    assert np.mean(errors) < 0.15, errors
+
+
+@pytest.mark.data
+def test_vessels_on_held_out_drive_photographs(shared_data):
+    tool = MeasureVessels()
+    tool.setup()
+    for r in [r for r in vessel_records(shared_data) if split_of(r.group, 25) == "val"][:2]:
+        image = Image.open(r.image).convert("RGB")
+        box = fundus_box(image)
+        size = tool.unet.config["image_size"]
+        square = square_crop(image, box).resize((size, size))
+        probs = tool.unet.probabilities([square])[0, 0]
+        truth = np.asarray(square_crop(Image.open(r.masks["vessel"]).convert("L"), box).resize((size, size), Image.NEAREST)) > 127
+        field = fov_mask(square)
+        assert pixel_auroc(probs[field], truth[field]) > 0.9
