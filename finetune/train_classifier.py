@@ -45,7 +45,7 @@ class ClassifierConfig:
 
 def _load(records: list[Record], size: int) -> list[Image.Image]:
     # Decode once: JPEG decoding would otherwise cost as much as the forward pass.
-    return [fundus_square(Image.open(r.path).convert("RGB")).resize((size, size), Image.BILINEAR) for r in tqdm(records, desc="loading photographs", unit="img")]
+    return [fundus_square(Image.open(r.path).convert("RGB"), size) for r in tqdm(records, desc="loading photographs", unit="img")]
 
 
 class _Photos(torch.utils.data.Dataset):

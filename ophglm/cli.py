@@ -164,6 +164,14 @@ def cmd_train(args) -> None:
     _print_json(train(config))
 
 
+def cmd_mcp(args) -> None:
+    from ophglm.tools.mcp_server import serve
+    from ophglm.tools.registry import load_tools
+
+    settings = _settings(args)
+    serve(load_tools(settings), settings, http_port=args.http)
+
+
 def cmd_serve(args) -> None:
     from ophglm.server import serve
 
@@ -207,11 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     from ophglm.knowledge.evaluate import add_eval_retrieval_parser
 
     p = sub.add_parser("eval", help="measure OphGLM's parts")
-    add_eval_retrieval_parser(p.add_subparsers(dest="action", required=True))
+    from ophglm.finetune.evaluate_vision import add_eval_vision_parser
+
+    eval_sub = p.add_subparsers(dest="action", required=True)
+    add_eval_retrieval_parser(eval_sub)
+    add_eval_vision_parser(eval_sub)
 
     p = sub.add_parser("tools", help="the tool registry")
     tools_sub = p.add_subparsers(dest="action", required=True)
     tools_sub.add_parser("list", help="list every tool the agent can call").set_defaults(func=cmd_tools_list)
+
+    p = sub.add_parser("mcp", help="serve OphGLM's tools to MCP clients (stdio; --http PORT for streamable HTTP on loopback)")
+    p.add_argument("--http", type=int, metavar="PORT", help="streamable HTTP at http://127.0.0.1:PORT/mcp instead of stdio")
+    p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("serve", help="HTTP API (OpenAPI docs at /docs) and the web page at /")
     p.add_argument("--host", default="127.0.0.1", help="beyond loopback only with OPHGLM_API_KEY set")

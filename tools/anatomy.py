@@ -133,7 +133,7 @@ class MeasureVessels(Tool):
 
     def vessel_mask(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         size = self.unet.config["image_size"]
-        square = fundus_square(image).resize((size, size), Image.BILINEAR)
+        square = fundus_square(image, size)
         field = fov_mask(square)
         return self.unet.masks([square])[0]["vessel"] & field, field
 

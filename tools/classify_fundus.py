@@ -45,7 +45,7 @@ class ClassifyFundus(Tool):
     def predict(self, images: list) -> list[dict[str, float]]:
         """Batched path: calibrated probabilities per class for each PIL image."""
         size, classes = self.config["image_size"], self.config["classes"]
-        batch = torch.stack([to_tensor(fundus_square(im), size) for im in images]).to(self.device)
+        batch = torch.stack([to_tensor(fundus_square(im, size), size) for im in images]).to(self.device)
         probs = (self.model(batch).float() / self.config["temperature"]).softmax(dim=1).cpu()
         return [{c: float(p[i]) for i, c in enumerate(classes)} for p in probs]
 

@@ -22,6 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIER_BACKBONES = ("efficientnet_lite0", "convnext_atto", "convnext_nano", "convnext_tiny")
 SEGMENTER_ENCODERS = ("tu-efficientnet_lite0", "tu-convnext_atto")
+BOX_SIDE = 512  # fundus_box works at this size
 FOV_THRESHOLD = 20  # max(R,G,B) above this (0-255) is inside the camera aperture
 
 
@@ -32,12 +33,20 @@ def fov_mask(image: Image.Image) -> np.ndarray:
 
 
 def fundus_box(image: Image.Image) -> tuple[int, int, int, int]:
-    """Bounding box of the camera aperture (the whole frame when it is almost all dark)."""
-    mask = fov_mask(image)
+    """Bounding box of the camera aperture (the whole frame when it is almost all dark).
+
+    Found on a copy at most BOX_SIDE px wide and scaled back: blurring a 12-megapixel
+    photograph to find its edge would cost more than the network that follows.
+    """
+    scale = max(image.size) / BOX_SIDE
+    small = image.resize((max(1, round(image.width / scale)), max(1, round(image.height / scale))), Image.BILINEAR) if scale > 1 else image
+    scale = max(scale, 1.0)
+    mask = fov_mask(small)
     if mask.sum() < 0.05 * mask.size:
         return (0, 0, image.width, image.height)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    return (max(0, int(cols[0] * scale)), max(0, int(rows[0] * scale)),
+            min(image.width, int(np.ceil((cols[-1] + 1) * scale))), min(image.height, int(np.ceil((rows[-1] + 1) * scale))))
 
 
 def square_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
@@ -49,13 +58,22 @@ def square_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Ima
     return square
 
 
-def fundus_square(image: Image.Image) -> Image.Image:
-    """Crop to the aperture's bounding box and pad to a centred square.
+def fundus_square(image: Image.Image, size: int | None = None) -> Image.Image:
+    """Crop to the aperture's bounding box and pad to a centred square (`size` px if given).
 
     Camera frames differ (4288x2848 IDRiD, square ODIR crops); cropping to the fundus makes
-    a lesion or the disc the same relative size whatever the camera.
+    a lesion or the disc the same relative size whatever the camera. With `size`, the
+    region is resized before it is padded, so a large photograph is never copied whole.
     """
-    return square_crop(image, fundus_box(image))
+    box = fundus_box(image)
+    if size is None:
+        return square_crop(image, box)
+    width, height = box[2] - box[0], box[3] - box[1]
+    scale = size / max(width, height)
+    region = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR, box=box)
+    square = Image.new(image.mode, (size, size))
+    square.paste(region, ((size - region.width) // 2, (size - region.height) // 2))
+    return square
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:

@@ -1,0 +1,226 @@
+"""`ophglm eval vision --data DIR`: every vision tool measured on photographs it was not trained on.
+
+DIR has the layout of ../shared/data; each dataset present is evaluated, each absent one
+is skipped and named. Only the fixed validation split (the same hashed split training
+used) counts, so a figure here is on unseen photographs. The quality gate is measured on
+generated and packaged non-fundus images (a seed different from the one its thresholds
+were chosen on) and on every fundus photograph in DIR. Speed: images/second of each tool
+called as the agent calls it, and its ratio to the bare model forward measured in the same
+run, so preprocessing and post-processing costs are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ophglm.finetune.datasets import (CLASSIFIER_CLASSES, classification_records, disc_cup_records, lesion_records, split_of,
+                                      vessel_records)
+from ophglm.finetune.metrics import aupr, auroc_per_class, dice, expected_calibration_error, macro, pixel_auroc
+from ophglm.session import Session
+from ophglm.tools.anatomy import MeasureOpticDisc, MeasureVessels
+from ophglm.tools.assess_quality import AssessQuality, assess
+from ophglm.tools.classify_fundus import ClassifyFundus
+from ophglm.tools.measurements import vertical_cdr
+from ophglm.tools.non_fundus import non_fundus_images
+from ophglm.tools.segment_lesions import SegmentLesions
+from ophglm.tools.vision import fov_mask, fundus_box, fundus_square, square_crop, to_tensor
+
+GATE_SEED = 1  # the thresholds were chosen on seed 0
+
+
+def _rgb(path: Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def _mask(path: Path, size: tuple[int, int], box=None) -> np.ndarray:
+    mask = Image.open(path).convert("L")
+    if box is not None:
+        mask = square_crop(mask, box)
+    return np.asarray(mask.resize(size, Image.NEAREST)) > 127
+
+
+def eval_classifier(root: Path, tool: ClassifyFundus) -> dict | None:
+    records = [r for r in classification_records(root) if split_of(r.group) == "val"]
+    if not records:
+        return None
+    probs = []
+    for start in tqdm(range(0, len(records), 16), desc="classifier", unit="batch"):
+        batch = tool.predict([_rgb(r.path) for r in records[start:start + 16]])
+        probs += [[p.get(c, 0.0) for c in CLASSIFIER_CLASSES] for p in batch]
+    probs, labels = np.array(probs), np.array([CLASSIFIER_CLASSES.index(r.label) for r in records])
+    by_source = {}
+    for source in sorted({r.source for r in records}):
+        picked = np.array([r.source == source for r in records])
+        scores = auroc_per_class(probs[picked], labels[picked], CLASSIFIER_CLASSES)
+        by_source[source] = {"images": int(picked.sum()), "macro_auroc": round(macro(scores), 4)}
+    scores = auroc_per_class(probs, labels, CLASSIFIER_CLASSES)
+    return {"images": len(records), "auroc": {k: round(v, 4) for k, v in scores.items()}, "macro_auroc": round(macro(scores), 4),
+            "ece": round(expected_calibration_error(probs, labels), 4), "accuracy": round(float((probs.argmax(1) == labels).mean()), 4),
+            "macro_auroc_by_source": by_source}
+
+
+def eval_lesions(root: Path, tool: SegmentLesions) -> dict | None:
+    """AUPR and Dice per class on full-resolution IDRiD photographs with exact masks."""
+    records = lesion_records(root, "idrid_fullres")
+    unseen = [r for r in records if split_of(r.group) == "val"]
+    if not records:
+        return None
+    report = {}
+    for name, subset in (("unseen", unseen), ("all_including_training_photographs", records)):
+        if not subset:
+            continue
+        probs, truths, valid = [], [], []
+        for r in tqdm(subset, desc=f"lesions ({name})", unit="img"):
+            image = _rgb(r.image)
+            box, size = fundus_box(image), tool.config["image_size"]
+            square = square_crop(image, box).resize((size, size), Image.BILINEAR)
+            probs.append(tool.probabilities([square])[0])
+            truths.append(np.stack([_mask(r.masks[c], (size, size), box) for c in tool.config["classes"]]))
+            valid.append(fov_mask(square))
+        probs, truths, valid = np.stack(probs), np.stack(truths), np.stack(valid)
+        report[name] = {"images": len(subset), "aupr": {}, "dice": {}}
+        for k, c in enumerate(tool.config["classes"]):
+            p, t = probs[:, k][valid], truths[:, k][valid]
+            report[name]["aupr"][c] = round(aupr(p, t), 4)
+            report[name]["dice"][c] = round(dice(p > tool.config["thresholds"][c], t), 4)
+    return report
+
+
+def eval_disc_cup(root: Path, tool: MeasureOpticDisc) -> dict | None:
+    records = [r for r in disc_cup_records(root) if split_of(r.group) == "val"]
+    if not records:
+        return None
+    dices, errors = {"disc": [], "cup": []}, []
+    for r in tqdm(records, desc="disc/cup", unit="img"):
+        masks = tool.unet.masks([_rgb(r.image)])[0]
+        size = masks["disc"].shape[::-1]
+        truth = {c: _mask(r.masks[c], size) for c in ("disc", "cup")}
+        for c in dices:
+            dices[c].append(dice(masks[c], truth[c]))
+        predicted = vertical_cdr(masks["disc"], masks["cup"])
+        errors.append(abs((predicted or 0.0) - vertical_cdr(truth["disc"], truth["cup"])))
+    return {"images": len(records), "dice": {c: round(float(np.mean(v)), 4) for c, v in dices.items()},
+            "vertical_cdr_mae": round(float(np.mean(errors)), 4)}
+
+
+def eval_vessels(root: Path, tool: MeasureVessels) -> dict | None:
+    records = [r for r in vessel_records(root) if split_of(r.group, 25) == "val"]
+    if not records:
+        return None
+    probs, truths = [], []
+    size = tool.unet.config["image_size"]
+    for r in tqdm(records, desc="vessels", unit="img"):
+        image = _rgb(r.image)
+        box = fundus_box(image)
+        square = square_crop(image, box).resize((size, size), Image.BILINEAR)
+        inside = _mask(r.fov, (size, size), box) if r.fov else fov_mask(square)
+        probs.append(tool.unet.probabilities([square])[0, 0][inside])
+        truths.append(_mask(r.masks["vessel"], (size, size), box)[inside])
+    return {"images": len(records), "auroc": round(pixel_auroc(np.concatenate(probs), np.concatenate(truths)), 4),
+            "aupr": round(aupr(np.concatenate(probs), np.concatenate(truths)), 4)}
+
+
+def eval_quality_gate(root: Path, non_fundus: int) -> dict:
+    kinds: dict[str, list[int]] = {}
+    for kind, image in tqdm(non_fundus_images(non_fundus, seed=GATE_SEED), total=non_fundus, desc="gate: non-fundus", unit="img"):
+        kinds.setdefault(kind, []).append(int(not assess(image).is_fundus))
+    report = {"non_fundus_images": non_fundus, "non_fundus_rejected": round(float(np.mean(sum(kinds.values(), []))), 4),
+              "rejected_by_kind": {k: round(float(np.mean(v)), 4) for k, v in kinds.items()}}
+    fundus = [r.path for r in classification_records(root)] + [r.image for r in vessel_records(root)]
+    if fundus:
+        rejected = [p for p in tqdm(fundus, desc="gate: fundus", unit="img") if not assess(Image.open(p)).usable]
+        report |= {"fundus_images": len(fundus), "fundus_wrongly_rejected": round(len(rejected) / len(fundus), 4),
+                   "wrongly_rejected_examples": [str(p.relative_to(root)) for p in rejected[:10]]}
+    return report
+
+
+def _per_second(fn, repeats: int) -> float:
+    fn()  # warm-up: lazy set-up and first-call allocations are not steady-state speed
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return repeats / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def eval_speed(tools: dict, image: Image.Image, repeats: int) -> dict:
+    """Tool calls (as the agent makes them) against the bare forward pass of each tool's network."""
+    session = Session()
+    image_id = session.add_image(image)
+    square = fundus_square(image)
+    bare = {
+        "classify_fundus": (tools["classify_fundus"].model, tools["classify_fundus"].config["image_size"], square),
+        "segment_lesions": (tools["segment_lesions"].model, tools["segment_lesions"].config["image_size"], square),
+        "measure_vessels": (tools["measure_vessels"].unet.model, tools["measure_vessels"].unet.config["image_size"], square),
+    }
+    report = {}
+    for name, tool in tools.items():
+        if name == "assess_quality":
+            tool_rate = _per_second(lambda: assess(image), repeats)
+        else:  # the gate's verdict is cached per image, as in a session: its cost is the line above
+            tool_rate = _per_second(lambda: tool(session, image_id=image_id), repeats)
+        report[name] = {"tool_images_per_second": round(tool_rate, 2)}
+        if name in bare:
+            model, size, picture = bare[name]
+            tensor = to_tensor(picture, size)[None]
+            forward_rate = _per_second(lambda: model(tensor), repeats)
+            report[name] |= {"forward_images_per_second": round(forward_rate, 2), "tool_over_forward_time": round(forward_rate / tool_rate, 3)}
+    return report
+
+
+def evaluate_vision(root: Path, non_fundus: int = 300, speed_repeats: int = 5) -> dict:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    tools = {"assess_quality": AssessQuality(), "classify_fundus": ClassifyFundus(), "segment_lesions": SegmentLesions(),
+             "measure_optic_disc": MeasureOpticDisc(), "measure_vessels": MeasureVessels()}
+    for tool in tools.values():
+        tool.setup()
+    sections = {"classifier": lambda: eval_classifier(root, tools["classify_fundus"]),
+                "lesions_idrid_fullres": lambda: eval_lesions(root, tools["segment_lesions"]),
+                "disc_cup_drishti_gs": lambda: eval_disc_cup(root, tools["measure_optic_disc"]),
+                "vessels_drive": lambda: eval_vessels(root, tools["measure_vessels"])}
+    report: dict = {"data": str(root), "skipped": []}
+    for name, run in sections.items():
+        result = run()
+        if result is None:
+            report["skipped"].append(name)
+        else:
+            report[name] = result
+    report["quality_gate"] = eval_quality_gate(root, non_fundus)
+    from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+
+    report["speed"] = {"threads": torch.get_num_threads(), "image": "synthetic fundus, 1024 px",
+                       "tools": eval_speed(tools, make_synthetic_fundus(1024, seed=0).image, speed_repeats)}
+    return report
+
+
+def format_report(report: dict, indent: int = 0) -> str:
+    """Nested sections as indented `key: value` lines."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines += [" " * indent + f"{key}:", format_report(value, indent + 2)]
+        else:
+            lines.append(" " * indent + f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    return "\n".join(lines)
+
+
+def cmd_eval_vision(args) -> None:
+    report = evaluate_vision(Path(args.data), args.non_fundus, args.repeats)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def add_eval_vision_parser(eval_subparsers) -> None:
+    p = eval_subparsers.add_parser("vision", help="vision tools on unseen photographs: AUROC, AUPR, Dice, CDR error, gate rates, speed")
+    p.add_argument("--data", default="../shared/data", help="a folder laid out like ../shared/data (absent datasets are skipped)")
+    p.add_argument("--non-fundus", type=int, default=300, help="generated non-fundus images for the quality gate")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per tool")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_eval_vision)
