@@ -212,8 +212,15 @@ def format_report(report: dict, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _without_nan(value):
+    """NaN (a class absent from a subset) is not JSON: it becomes null."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
 def cmd_eval_vision(args) -> None:
-    report = evaluate_vision(Path(args.data), args.non_fundus, args.repeats)
+    report = _without_nan(evaluate_vision(Path(args.data), args.non_fundus, args.repeats))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 

@@ -34,20 +34,28 @@ def _print_json(data) -> None:
 def cmd_analyze(args) -> None:
     from ophglm.agent.triage import triage
     from ophglm.session import Session
+    from ophglm.tools.base import ToolError
     from ophglm.tools.registry import builtin_tools
 
     settings = _settings(args)
     session = Session()
     image_id = session.add_image_file(args.path)
     tools = {t.name: t for t in builtin_tools(settings)}
+    quality = tools["assess_quality"](session, image_id=image_id).findings
+    if not (quality["is_fundus"] and quality["gradable"]):
+        raise ValueError(f"{args.path} was not analysed: it is {quality['verdict']}")
     findings, summaries = {}, []
-    for name in ("classify_fundus", "segment_lesions"):
-        result = tools[name](session, image_id=image_id)
+    for name in ("classify_fundus", "segment_lesions", "measure_optic_disc", "measure_vessels"):
+        try:
+            result = tools[name](session, image_id=image_id)
+        except ToolError as err:  # one measurement failing (no disc found) must not hide the others
+            findings[name], summaries = {"error": str(err)}, summaries + [str(err)]
+            continue
         findings[name], summaries = result.findings, summaries + [result.summary]
         session.artifacts.update(result.artifacts)
     level = triage(findings)
     overlay = None
-    if args.overlay:
+    if args.overlay and "overlay" in findings["segment_lesions"]:
         Path(args.overlay).write_bytes(session.artifacts[findings["segment_lesions"]["overlay"]])
         overlay = str(args.overlay)
     if args.json:

@@ -35,6 +35,7 @@ ANALYSIS_SIDE = 512  # measured on a copy at most this size: cheap, and focus be
 # (measure, lowest accepted, highest accepted, reason when outside) — a fundus photograph
 # must pass all of these; the first failure is the reason given.
 FUNDUS_RULES = (
+    ("peak_brightness", 35.0, 255.0, "the image is almost black: too dark to grade or even to tell what it shows"),
     ("dark_corners", 0.50, 1.0, "no dark frame around a round field of view, as a fundus camera gives"),
     ("aperture_roundness", 0.75, 1.0, "the lit area is not the round aperture of a fundus camera"),
     ("colourfulness", 0.12, 1.0, "the image is (nearly) greyscale: not a colour fundus photograph (red-free, OCT or a document?)"),
@@ -50,7 +51,7 @@ GRADABLE_RULES = (
     ("detail", 0.0015, 99.0, "the photograph is too blurred to see vessel edges"),
 )
 UNITS = {
-    "dark_corners": "fraction of corner pixels", "aperture_roundness": "IoU with the aperture circle",
+    "peak_brightness": "99th percentile of 0-255", "dark_corners": "fraction of corner pixels", "aperture_roundness": "IoU with the aperture circle",
     "colourfulness": "mean chroma (0-1)", "red_over_green": "ratio", "green_over_blue": "ratio",
     "field_fraction": "fraction of the image", "brightness": "mean of 0-255", "overexposed_fraction": "fraction of the field",
     "detail": "fine-scale contrast relative to brightness", "warm_fraction": "fraction of the field",
@@ -126,6 +127,7 @@ def measure(image: Image.Image) -> dict[str, float]:
     core = ndimage.binary_erosion(inside, iterations=8)
     core = core if core.any() else inside
     return {
+        "peak_brightness": float(np.percentile(rgb.max(axis=2), 99)),
         "dark_corners": float(1.0 - corners.mean()),
         "aperture_roundness": _roundness(lit),
         "colourfulness": float(chroma.mean()),
