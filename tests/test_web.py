@@ -55,8 +55,9 @@ def test_photo_question_streams_into_the_page(page, demo_fundus_path, tmp_path):
     expect(bot).to_have_attribute("data-state", "done", timeout=30_000)
 
     tools = bot.locator(".tools li")
-    expect(tools).to_have_count(3)
-    assert sorted(item.get_attribute("data-tool") for item in tools.all()) == ["classify_fundus", "search_knowledge", "segment_lesions"]
+    expect(tools).to_have_count(5)
+    assert sorted(item.get_attribute("data-tool") for item in tools.all()) == [
+        "assess_quality", "classify_fundus", "measure_optic_disc", "search_knowledge", "segment_lesions"]
     assert {item.get_attribute("data-status") for item in tools.all()} == {"ok"}
     expect(bot.locator(".answer")).to_contain_text("probability of")
 
@@ -65,6 +66,7 @@ def test_photo_question_streams_into_the_page(page, demo_fundus_path, tmp_path):
     expect(findings).to_contain_text("probability")
     expect(findings).to_contain_text("haemorrhages: count")
     expect(findings).to_contain_text("% of field of view")
+    expect(findings).to_contain_text("vertical cdr")
 
     expect(page.locator("#overlay")).to_be_visible()
     assert page.eval_on_selector("#overlay", "img => img.naturalWidth") > 0
