@@ -40,7 +40,7 @@ def test_triage_rules_are_ordered_and_explain_themselves():
     assert triage(_findings({"glaucoma": 0.7}, {})).level == "soon"
 
 
-def _findings(dr=0.3, normal=0.6, ex_count=0, macular=False, cdr=None, reliable=True):
+def _measured(dr=0.3, normal=0.6, ex_count=0, macular=False, cdr=None, reliable=True):
     findings = {
         "classify_fundus": {"probabilities": {"diabetic_retinopathy": {"value": dr}, "normal": {"value": normal}}},
         "segment_lesions": {"lesions": {"EX": {"count": {"value": ex_count}}}, "macular_exudates": {"value": macular}},
@@ -51,12 +51,12 @@ def _findings(dr=0.3, normal=0.6, ex_count=0, macular=False, cdr=None, reliable=
 
 
 def test_exudates_at_the_fovea_are_urgent_whatever_the_classifier_says():
-    level = triage(_findings(dr=0.1, normal=0.9, ex_count=2, macular=True))
+    level = triage(_measured(dr=0.1, normal=0.9, ex_count=2, macular=True))
     assert (level.level, level.rule) == ("urgent", "macular-exudates") and "fovea" in level.reason
-    assert triage(_findings(dr=0.1, normal=0.9, ex_count=2, macular=False)).level != "urgent"
+    assert triage(_measured(dr=0.1, normal=0.9, ex_count=2, macular=False)).level != "urgent"
 
 
 def test_a_large_cup_is_referred_only_when_the_measurement_is_reliable():
-    assert triage(_findings(normal=0.3, cdr=0.75)).rule == "large-cup"
-    assert triage(_findings(normal=0.3, cdr=0.75, reliable=False)).rule != "large-cup"
-    assert triage(_findings(normal=0.3, cdr=0.5)).rule != "large-cup"
+    assert triage(_measured(normal=0.3, cdr=0.75)).rule == "large-cup"
+    assert triage(_measured(normal=0.3, cdr=0.75, reliable=False)).rule != "large-cup"
+    assert triage(_measured(normal=0.3, cdr=0.5)).rule != "large-cup"
