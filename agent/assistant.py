@@ -12,7 +12,12 @@ carries findings, citations, the overlay and the disclaimer.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as ToolTimeout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +45,8 @@ SYSTEM_PROMPT = (
     "You do not diagnose: you describe what the tools found."
 )
 QUALITY_GATE = "assess_quality"
+AUDIT = logging.getLogger("ophglm.audit")
+log = logging.getLogger(__name__)
 EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
 MAX_MODEL_CALLS = 4  # per turn: then the model must answer without tools
 
@@ -128,6 +135,13 @@ class Reply:
         return asdict(self)
 
 
+def _audit(name: str, arguments: dict, error: str | None, start: float) -> None:
+    """One line per tool call: which tool, on which image, outcome, time; never pixels or the person's words."""
+    shown = {k: (v if k == "image_id" else f"<{len(str(v))} chars>") for k, v in arguments.items()}
+    AUDIT.info(json.dumps({"tool": name, "arguments": shown, "ok": error is None, "error": error,
+                           "ms": round(1000 * (time.perf_counter() - start), 1)}))
+
+
 class Assistant:
     """A multi-turn conversation with its own session, tools and chat model."""
 
@@ -139,6 +153,8 @@ class Assistant:
         self.session = Session()
         self.tools = tools if tools is not None else load_tools(settings)
         self.chat_model = chat_model if chat_model is not None else make_chat_model(settings)
+        # Tools run in worker threads so a hung tool can be abandoned after settings.tool_timeout_s.
+        self._tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ophglm-tool")
         self.thread = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}, "recursion_limit": 24}
         self.graph = create_agent(
             self.chat_model,
@@ -150,11 +166,20 @@ class Assistant:
 
     def _langchain_tool(self, tool: Tool) -> StructuredTool:
         def run(**arguments):
+            start = time.perf_counter()
+            error = None
             try:
-                result = tool(self.session, **arguments)
+                result = self._tool_pool.submit(tool, self.session, **arguments).result(timeout=self.settings.tool_timeout_s)
+            except ToolTimeout:
+                error = f"no result within {self.settings.tool_timeout_s:g} s (timed out)"
             except (ToolError, ImageError, KeyError, ValueError, FileNotFoundError) as err:
-                message = err.args[0] if isinstance(err, KeyError) else str(err)
-                return f"Error from {tool.name}: {message}", {"error": message}
+                error = err.args[0] if isinstance(err, KeyError) else str(err)
+            except Exception as err:  # a broken or plug-in tool must not end the conversation
+                log.exception("tool %s failed unexpectedly", tool.name)
+                error = f"failed unexpectedly ({type(err).__name__}: {err})"
+            _audit(tool.name, arguments, error, start)
+            if error is not None:
+                return f"Error from {tool.name}: {error}", {"error": error}
             self.session.artifacts.update(result.artifacts)
             if result.findings:
                 self.session.findings[tool.name] = result.findings
@@ -182,11 +207,22 @@ class Assistant:
             extra["image_id"] = image_id
             content = f"{text}\n[Fundus photograph attached: image_id={image_id}]"
         before = len(self._messages())
-        for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
-            if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
-                on_token(chunk.text)
+        failure = ""
+        try:
+            for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
+                if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
+                    on_token(chunk.text)
+        except Exception as err:  # the LLM endpoint down (or the model broken): answer with what the tools found
+            log.exception("the agent loop failed")
+            failure = f"{type(err).__name__}: {err}"
         history = self._messages()
-        return self._reply(history[before + 1:], history)
+        reply = self._reply(history[before + 1:], history)
+        if failure:
+            found = [c.summary for c in reply.tool_calls if c.ok and c.name != "search_knowledge"]
+            reply.answer = ("The language model failed, so there is no written answer this time. "
+                            + ("What the tools found: " + " ".join(found) if found else "No tool results either.")).strip()
+            reply.notes.append(f"the language model failed: {failure}")
+        return reply
 
     def _messages(self) -> list:
         state = self.graph.get_state(self.thread)

@@ -89,6 +89,8 @@ class Session:
 
     def add_image(self, image: Image.Image, data: bytes | None = None) -> str:
         """Store a decoded image and return its id (a hash of the file bytes, else of the pixels)."""
+        # EXIF and other metadata (camera, date, sometimes location or patient fields) go no further.
+        image.info.clear()
         digest = hashlib.sha256(data if data is not None else image.tobytes()).hexdigest()
         image_id = f"img-{digest[:12]}"
         self.images[image_id] = image
