@@ -250,7 +250,8 @@ class Assistant:
             reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
-        grounded = check_answer(final.text if final else "", evidence, retrieved_ids)
+        probabilities = {c: p["value"] for c, p in self.session.findings.get("classify_fundus", {}).get("probabilities", {}).items()}
+        grounded = check_answer(final.text if final else "", evidence, retrieved_ids, probabilities)
         reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:

@@ -3,7 +3,10 @@
 A small LLM invents numbers and citations. Every number in the answer must appear in a
 tool result of this conversation (as written, or rounded), and every `[doc#section]`
 citation must name a passage that was retrieved; a sentence that fails is removed, and the
-reply says so. Disease names are checked against the classifier's findings in a later iteration.
+reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
+"the eye is healthy") must agree with the classifier: naming a disease it gives less than
+0.5, or denying one it gives 0.5 or more, removes the sentence. General statements about
+a disease ("glaucoma damages the optic nerve") are knowledge, checked by their citations.
 """
 
 from __future__ import annotations
@@ -14,6 +17,19 @@ from dataclasses import dataclass, field
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 CITATION = re.compile(r"\[([a-z0-9_]+#[a-z0-9-]+)\]")
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
+# How an answer may name each class the classifier knows (lower case).
+DISEASE_NAMES = {
+    "diabetic_retinopathy": ("diabetic retinopathy", "diabetic eye disease"),
+    "glaucoma": ("glaucoma", "glaucomatous"),
+    "cataract": ("cataract",),
+    "pathologic_myopia": ("pathologic myopia", "pathological myopia", "myopic maculopathy"),
+    "amd": ("macular degeneration", "amd"),
+    "hypertensive_retinopathy": ("hypertensive retinopathy",),
+    "normal": ("healthy", "normal eye", "is normal", "looks normal", "no disease", "nothing wrong"),
+}
+ABOUT_THE_PHOTO = re.compile(r"\b(this|the|your) (eye|photo|photograph|picture|image|fundus|retina)\b|\b(shows?|consistent with|suggests?|appears?|looks?|there is|there are|there's)\b")
+DENIAL = re.compile(r"\b(no|not|without|unlikely|absent|rules? out)\b")
+SUPPORTED_PROBABILITY = 0.5
 
 
 @dataclass
@@ -41,8 +57,28 @@ def supported_numbers(evidence: list[str]) -> set[str]:
     return found
 
 
-def check_answer(answer: str, evidence: list[str], citation_ids: set[str]) -> GroundedAnswer:
-    """Drop sentences with numbers or citations that no tool result of this turn supports."""
+def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[str]:
+    """Claims about the photograph that the classifier's probabilities contradict."""
+    text = sentence.lower()
+    if not probabilities or not ABOUT_THE_PHOTO.search(text):
+        return []
+    denied = bool(DENIAL.search(text))
+    problems = []
+    for disease, names in DISEASE_NAMES.items():
+        if disease not in probabilities or not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
+            continue
+        p = probabilities[disease]
+        if disease == "normal" and not denied and p < SUPPORTED_PROBABILITY:
+            problems.append(f"the classifier does not support a healthy eye (normal {p:.2f})")
+        elif disease != "normal" and denied and p >= SUPPORTED_PROBABILITY:
+            problems.append(f"the classifier gives {disease.replace('_', ' ')} {p:.2f}, so it cannot be ruled out")
+        elif disease != "normal" and not denied and p < SUPPORTED_PROBABILITY:
+            problems.append(f"the classifier does not support {disease.replace('_', ' ')} ({p:.2f})")
+    return problems
+
+
+def check_answer(answer: str, evidence: list[str], citation_ids: set[str], probabilities: dict[str, float] | None = None) -> GroundedAnswer:
+    """Drop sentences with numbers, citations or disease claims that no tool result supports."""
     allowed = supported_numbers(evidence)
     kept, removed = [], []
     sentences = SENTENCE.split(answer.strip())
@@ -51,8 +87,10 @@ def check_answer(answer: str, evidence: list[str], citation_ids: set[str]) -> Gr
     for sentence in sentences:
         bad_numbers = [n for n in NUMBER.findall(sentence) if n not in allowed and f"{float(n):g}" not in allowed]
         bad_citations = [c for c in CITATION.findall(sentence) if c not in citation_ids]
-        if bad_numbers or bad_citations:
-            why = ", ".join([f"number {n} not in any tool result" for n in bad_numbers] + [f"citation [{c}] was not retrieved" for c in bad_citations])
+        conflicts = _disease_conflicts(sentence, probabilities or {})
+        if bad_numbers or bad_citations or conflicts:
+            why = ", ".join([f"number {n} not in any tool result" for n in bad_numbers]
+                            + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts)
             removed.append(f"{sentence.strip()} ({why})")
         elif sentence.strip():
             kept.append(sentence.strip())

@@ -60,3 +60,23 @@ def test_a_large_cup_is_referred_only_when_the_measurement_is_reliable():
     assert triage(_measured(normal=0.3, cdr=0.75)).rule == "large-cup"
     assert triage(_measured(normal=0.3, cdr=0.75, reliable=False)).rule != "large-cup"
     assert triage(_measured(normal=0.3, cdr=0.5)).rule != "large-cup"
+
+
+PROBS = {"normal": 0.08, "diabetic_retinopathy": 0.81, "glaucoma": 0.06, "cataract": 0.03, "pathologic_myopia": 0.02}
+
+
+def test_claims_about_the_photograph_must_agree_with_the_classifier():
+    answer = ("The photograph shows signs of diabetic retinopathy. Your eye also has glaucoma. "
+              "The eye is healthy. There are no signs of diabetic retinopathy. Glaucoma damages the optic nerve. "
+              "There is no sign of cataract.")
+    result = check_answer(answer, [], set(), PROBS)
+    assert result.text == "The photograph shows signs of diabetic retinopathy. Glaucoma damages the optic nerve. There is no sign of cataract."
+    reasons = " ".join(result.removed)
+    assert "does not support glaucoma (0.06)" in reasons and "does not support a healthy eye" in reasons
+    assert "diabetic retinopathy 0.81, so it cannot be ruled out" in reasons
+
+
+def test_general_statements_about_a_disease_are_knowledge_not_claims():
+    answer = "Glaucoma has no early symptoms. Cataract has signs such as a hazy view."
+    assert check_answer(answer, [], set(), PROBS).text == answer
+    assert check_answer(answer, [], set(), {}).text == answer
