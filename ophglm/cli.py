@@ -172,6 +172,12 @@ def cmd_train(args) -> None:
     _print_json(train(config))
 
 
+def cmd_tools_serve(args) -> None:
+    from ophglm.tools.tool_server import serve
+
+    serve(_settings(args), host=args.host, port=args.port, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+
+
 def cmd_mcp(args) -> None:
     from ophglm.tools.mcp_server import serve
     from ophglm.tools.registry import load_tools
@@ -232,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tools", help="the tool registry")
     tools_sub = p.add_subparsers(dest="action", required=True)
     tools_sub.add_parser("list", help="list every tool the agent can call").set_defaults(func=cmd_tools_list)
+    t = tools_sub.add_parser("serve", help="host the vision tools over HTTP with dynamic batching (agents use it through OPHGLM_TOOLS_URL)")
+    t.add_argument("--host", default="127.0.0.1", help="beyond loopback only with OPHGLM_API_KEY set")
+    t.add_argument("--port", type=int, default=8100)
+    t.add_argument("--max-batch-size", type=int, default=8, help="most concurrent calls run together")
+    t.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a call waits for others to batch with")
+    t.set_defaults(func=cmd_tools_serve)
 
     p = sub.add_parser("mcp", help="serve OphGLM's tools to MCP clients (stdio; --http PORT for streamable HTTP on loopback)")
     p.add_argument("--http", type=int, metavar="PORT", help="streamable HTTP at http://127.0.0.1:PORT/mcp instead of stdio")

@@ -38,8 +38,13 @@ class Settings:
     llm_api_key: str = "EMPTY"
     # Upper bound on tokens the LLM writes per step: small models ramble.
     llm_max_new_tokens: int = 160
+    # A tool call that has not returned after this many seconds is reported as failed; the turn goes on.
+    tool_timeout_s: float = 120.0
     # URL of an OphGLM tool server ("" = run the vision tools in this process).
     tools_url: str = ""
+    # MCP servers whose tools the agent may call: langchain-mcp-adapters' connections dict,
+    # as JSON, the path of a JSON file, or a TOML table ("" = none).
+    mcp_servers: str | dict = ""
     # Chroma: a local folder (embedded PersistentClient) unless chroma_url names a server.
     chroma_path: str = ""
     chroma_url: str = ""

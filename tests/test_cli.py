@@ -84,7 +84,8 @@ def test_ask_about_a_photograph_with_the_packaged_llm(chroma_env, demo_fundus_pa
     run = ophglm("ask", "Is something wrong with this eye?", "--image", str(demo_fundus_path), "--json", env_extra=chroma_env)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout)
-    assert [c["name"] for c in out["tool_calls"]][:2] == ["classify_fundus", "segment_lesions"]
-    assert {"classify_fundus", "segment_lesions"} <= set(out["findings"])
+    assert [c["name"] for c in out["tool_calls"]][:4] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc"]
+    assert {"classify_fundus", "segment_lesions", "measure_optic_disc"} <= set(out["findings"])
+    assert out["refused"] is False and out["refusal_reason"] == ""
     assert out["triage"]["level"] in ("urgent", "soon", "routine", "none")
     assert out["answer"] and "not a diagnosis" in out["disclaimer"]

@@ -33,7 +33,7 @@ class HangingTool(Tool):
     inputs = ImageInput
 
     def run(self, inputs, session):
-        time.sleep(3)
+        time.sleep(5)
         return ToolResult(summary="too late")
 
 
@@ -55,7 +55,9 @@ def test_a_raising_and_a_hanging_tool_are_reported_and_the_turn_goes_on(settings
         image_id = next(m.artifact["findings"]["image_id"] for m in messages if getattr(m, "name", "") == "classify_fundus")
         return AIMessage("", tool_calls=[_call("broken_tool", image_id), _call("hanging_tool", image_id)])
 
-    settings = dataclasses.replace(settings, tool_timeout_s=0.5)
+    for tool in tools.values():  # models load before the clock starts: the timeout is for the hanging tool
+        tool.ensure_setup()
+    settings = dataclasses.replace(settings, tool_timeout_s=1.0)
     assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=[call_both, "The examination is done."]), tools=tools)
     caplog.set_level(logging.INFO, logger="ophglm.audit")
     start = time.perf_counter()

@@ -3,7 +3,9 @@
 A tool has a name, a description written for the LLM, a pydantic input model (its JSON
 schema is exactly what the LLM sees) and `run(inputs, session) -> ToolResult`. Heavy models
 load lazily in `setup()` the first time the tool runs, and are shared per process, so
-listing tools or answering a text-only question never loads a vision model.
+listing tools or answering a text-only question never loads a vision model. Tools that live
+elsewhere (an MCP server, the tool server) get their input model from the JSON schema they
+publish (`inputs_from_schema`), so the LLM sees them exactly like local ones.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ophglm.session import Session
 
@@ -37,7 +39,7 @@ class ToolResult:
 
 
 class Tool:
-    """Subclass, set `name`, `description`, `inputs`, implement `run` (and `setup` if heavy)."""
+    """Subclass, set `name`, `description`, `inputs`, implement `run` (and `setup` if heavy, `run_batch` if batched)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -66,17 +68,28 @@ class Tool:
     def run(self, inputs: BaseModel, session: Session) -> ToolResult:
         raise NotImplementedError
 
-    def __call__(self, session: Session, **arguments: Any) -> ToolResult:
-        """Validate raw arguments (from an LLM or a caller), set up once, run."""
+    def run_batch(self, calls: list[tuple[BaseModel, Session]]) -> list[ToolResult]:
+        """Several calls at once (the tool server's dynamic batches); a tool with a batched model overrides this."""
+        return [self.run(inputs, session) for inputs, session in calls]
+
+    def validate(self, arguments: dict[str, Any]) -> BaseModel:
+        """Raw arguments (from an LLM or a caller) as the inputs model, or a ToolError naming each problem."""
         try:
-            inputs = self.inputs.model_validate(arguments)
+            return self.inputs.model_validate(arguments)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors())
             raise ToolError(f"{self.name}: invalid arguments ({problems})") from None
+
+    def ensure_setup(self) -> None:
         with self._lock:
             if not self._ready:
                 self.setup()
                 self._ready = True
+
+    def __call__(self, session: Session, **arguments: Any) -> ToolResult:
+        """Validate raw arguments, set up once, run."""
+        inputs = self.validate(arguments)
+        self.ensure_setup()
         return self.run(inputs, session)
 
     def schema(self) -> dict[str, Any]:
@@ -90,3 +103,29 @@ class ImageInput(BaseModel):
     image_id: str
 
     model_config = {"extra": "forbid"}
+
+
+JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "object": dict[str, Any], "null": type(None)}
+
+
+def _annotation(schema: dict) -> Any:
+    if "enum" in schema:
+        return Literal[tuple(schema["enum"])]
+    if "anyOf" in schema:
+        return Union[tuple(_annotation(s) for s in schema["anyOf"])]
+    if schema.get("type") == "array":
+        return list[_annotation(schema.get("items", {}))]
+    return JSON_TYPES.get(schema.get("type"), Any)
+
+
+def inputs_from_schema(tool_name: str, schema: dict) -> type[BaseModel]:
+    """An inputs model for a tool that lives elsewhere (an MCP server, the tool server), from its JSON schema.
+
+    Fields keep their names, types, defaults and descriptions, so the LLM sees what the
+    remote tool takes; constraints beyond the types are left to the remote side to enforce.
+    """
+    required = set(schema.get("required", []))
+    fields = {key: (_annotation(prop), Field(... if key in required else prop.get("default"), description=prop.get("description")))
+              for key, prop in schema.get("properties", {}).items()}
+    title = schema.get("title") or "".join(part.title() for part in tool_name.split("_")) + "Inputs"
+    return create_model(title, __config__=ConfigDict(extra="forbid"), __doc__=schema.get("description"), **fields)

@@ -50,11 +50,18 @@ class ClassifyFundus(Tool):
         return [{c: float(p[i]) for i, c in enumerate(classes)} for p in probs]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        probs = self.predict([gradable_image(session, inputs.image_id, self.name)])[0]
+        return self.run_batch([(inputs, session)])[0]
+
+    def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
+        """One forward pass for the whole batch (the tool server batches concurrent calls)."""
+        images = [gradable_image(session, inputs.image_id, self.name) for inputs, session in calls]
+        return [self._result(inputs.image_id, probs) for (inputs, _), probs in zip(calls, self.predict(images))]
+
+    def _result(self, image_id: str, probs: dict[str, float]) -> ToolResult:
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
         top, top_p = ranked[0]
         findings = {
-            "image_id": inputs.image_id,
+            "image_id": image_id,
             "probabilities": {c: {"value": round(p, 3), "unit": "probability"} for c, p in ranked},
             "most_likely": top,
             "confident": top_p >= 0.6,
@@ -63,5 +70,5 @@ class ClassifyFundus(Tool):
         }
         listed = ", ".join(f"{LABELS.get(c, c)} {p:.2f}" for c, p in ranked)
         hedge = "" if top_p >= 0.6 else " The classifier is unsure (no class reaches 0.60)."
-        summary = f"Disease probabilities for {inputs.image_id}: {listed}. Most likely: {LABELS.get(top, top)}.{hedge}"
+        summary = f"Disease probabilities for {image_id}: {listed}. Most likely: {LABELS.get(top, top)}.{hedge}"
         return ToolResult(summary=summary, findings=findings)

@@ -53,9 +53,9 @@ def _add_image(session: Session, settings: Settings, arguments: dict) -> types.C
     except (binascii.Error, ValueError):
         return _error("image_base64 is not valid base64")
     if len(data) > settings.max_upload_bytes:
-        return _error(f"the image is {len(data):,} bytes, above the limit of {settings.max_upload_bytes:,}")
+        return _error(f"the uploaded file is {len(data):,} bytes, above the limit of {settings.max_upload_bytes:,}")
     try:
-        image = decode_image(data, "the image", settings.max_upload_pixels)
+        image = decode_image(data, "the uploaded file", settings.max_upload_pixels)
     except ImageError as err:
         return _error(str(err))
     image_id = session.add_image(image, data)
