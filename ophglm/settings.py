@@ -45,6 +45,8 @@ class Settings:
     # MCP servers whose tools the agent may call: langchain-mcp-adapters' connections dict,
     # as JSON, the path of a JSON file, or a TOML table ("" = none).
     mcp_servers: str | dict = ""
+    # Third-party HTTP tool servers speaking the tool server's protocol, comma-separated URLs ("" = none).
+    http_tools: str = ""
     # Chroma: a local folder (embedded PersistentClient) unless chroma_url names a server.
     chroma_path: str = ""
     chroma_url: str = ""

@@ -2,7 +2,8 @@
 
 A tool author ships a package whose entry point (group `ophglm.tools`) names either a
 `Tool` subclass or a factory `f(settings) -> Tool`, or runs an MCP server named in the
-`mcp_servers` setting; the agent discovers it here and shows it to the LLM with its JSON
+`mcp_servers` setting, or an HTTP server (GET /tools, POST /tools/call, the protocol of
+`ophglm tools serve`) named in the `http_tools` setting; the agent discovers it here and shows it to the LLM with its JSON
 schema, with no edit of the agent.
 """
 
@@ -54,9 +55,10 @@ def plugin_tools(settings: Settings) -> list[Tool]:
 def load_tools(settings: Settings, extra: list[Tool] | None = None) -> dict[str, Tool]:
     """All tools by name; a plug-in may not silently replace a built-in."""
     from ophglm.tools.mcp_tools import mcp_tools
+    from ophglm.tools.remote_tools import http_plugin_tools
 
     tools: dict[str, Tool] = {}
-    remote = mcp_tools(settings.mcp_servers) if settings.mcp_servers else []
+    remote = (mcp_tools(settings.mcp_servers) if settings.mcp_servers else []) + (http_plugin_tools(settings) if settings.http_tools else [])
     for tool in [*builtin_tools(settings), *plugin_tools(settings), *remote, *(extra or [])]:
         if tool.name in tools:
             raise ValueError(f"two tools are named {tool.name!r}: {_origin(tools[tool.name])} and {_origin(tool)}")

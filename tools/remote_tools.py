@@ -49,17 +49,16 @@ def photo_png_base64(session: Session, image_id: str) -> str:
 class ToolServer:
     """One tool server: its URL, the key it wants, and a pooled HTTP client shared by the proxies."""
 
-    def __init__(self, settings: Settings):
-        self.url = settings.tools_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    def __init__(self, url: str, api_key: str = "", hint: str = "start it with `ophglm tools serve`, or unset OPHGLM_TOOLS_URL to run the tools here"):
+        self.url, self.hint = url.rstrip("/"), hint
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=CALL_TIMEOUT_S)
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as err:
-            raise ToolError(f"{what}: the tool server at {self.url} cannot be reached ({type(err).__name__}: {err}); "
-                            "start it with `ophglm tools serve`, or unset OPHGLM_TOOLS_URL to run the tools here") from None
+            raise ToolError(f"{what}: the tool server at {self.url} cannot be reached ({type(err).__name__}: {err}); {self.hint}") from None
         if response.status_code >= 400:
             detail = _detail(response)
             if response.status_code >= 500:
@@ -101,7 +100,16 @@ class RemoteTool(Tool):
 
 def remote_tools(settings: Settings) -> list[Tool]:
     """One proxy per tool the server at `settings.tools_url` offers."""
-    server = ToolServer(settings)
+    return served_tools(ToolServer(settings.tools_url, settings.api_key))
+
+
+def http_plugin_tools(settings: Settings) -> list[Tool]:
+    """The tools of every third-party server in `settings.http_tools` (same protocol: GET /tools, POST /tools/call)."""
+    urls = [u.strip() for u in settings.http_tools.split(",") if u.strip()]
+    return [tool for url in urls for tool in served_tools(ToolServer(url, hint="check OPHGLM_HTTP_TOOLS"))]
+
+
+def served_tools(server: ToolServer) -> list[Tool]:
     listed = server.request("GET", "/tools", "listing the served tools")["tools"]
     return [type(f"Remote_{t['name']}", (RemoteTool,), {"name": t["name"], "description": t["description"],
                                                         "inputs": inputs_from_schema(t["name"], t["parameters"]), "server": server})()
