@@ -103,3 +103,13 @@ def test_exif_is_stripped_when_a_photograph_enters_a_session():
     session = Session()
     image_id = session.add_image(decoded, buffer.getvalue())
     assert "exif" not in session.images[image_id].info
+
+
+def test_chroma_unreachable_is_reported_and_the_turn_answers(settings):
+    from ophglm.tools.search_knowledge import SearchKnowledge
+
+    unreachable = dataclasses.replace(settings, chroma_url="http://127.0.0.1:9")
+    assistant = Assistant(unreachable, chat_model=ScriptedChatModel(steps=["I do not know."]), tools={"search_knowledge": SearchKnowledge(unreachable)})
+    reply = assistant.ask("What is glaucoma?")
+    assert reply.answer.startswith("I do not know") and not reply.citations
+    assert any("search_knowledge failed" in n and "Chroma" in n for n in reply.notes)
