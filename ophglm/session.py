@@ -85,7 +85,16 @@ class Session:
     images: dict[str, Image.Image] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     findings: dict[str, dict] = field(default_factory=dict)
-    quality: dict[str, object] = field(default_factory=dict)  # image_id -> the quality gate's verdict
+    # What tools computed from a photograph and other tools reuse, by (kind, image_id): the
+    # quality gate's verdict, the lesion masks the disc measurement starts from.
+    derived: dict[tuple[str, str], object] = field(default_factory=dict)
+
+    def derive(self, kind: str, image_id: str, compute):
+        """`compute()` once per photograph and kind; later calls get the stored result."""
+        key = (kind, image_id)
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
 
     def add_image(self, image: Image.Image, data: bytes | None = None) -> str:
         """Store a decoded image and return its id (a hash of the file bytes, else of the pixels)."""

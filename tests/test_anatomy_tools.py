@@ -98,3 +98,13 @@ def test_vessels_on_held_out_drive_photographs(shared_data):
         truth = np.asarray(square_crop(Image.open(r.masks["vessel"]).convert("L"), box).resize((size, size), Image.NEAREST)) > 127
         field = fov_mask(square)
         assert pixel_auroc(probs[field], truth[field]) > 0.9
+
+
+def test_the_disc_measurement_reuses_the_lesion_masks_of_the_same_photograph(monkeypatch):
+    session = Session()
+    image_id = session.add_image(make_synthetic_fundus(512, seed=4).image)
+    segmenter, disc_tool = SegmentLesions(), MeasureOpticDisc()
+    segmenter(session, image_id=image_id)
+    disc_tool.ensure_setup()
+    monkeypatch.setattr(disc_tool.locator, "masks", lambda image: pytest.fail("the lesion Unet ran a second time"))
+    assert disc_tool(session, image_id=image_id).findings["vertical_cdr"]["unit"] == "ratio"

@@ -66,19 +66,19 @@ class MeasureOpticDisc(Tool):
         half = self.unet.config["crop_to_disc_diameter"] * diameter / 2
         return full.crop((round(x - half), round(y - half), round(x + half), round(y + half)))
 
-    def disc_masks(self, image: Image.Image) -> tuple[dict[str, np.ndarray], float]:
+    def disc_masks(self, image: Image.Image, lesion_disc: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
         """Disc and cup masks on a full-resolution crop framed like the training crops.
 
-        The lesion segmenter's disc (found at 512 px) places the first crop; the disc/cup
-        Unet's own, sharper disc then re-centres and re-scales it, up to twice, because a
-        disc misjudged in size at 512 px (small photographs) would be framed wrongly.
+        The lesion segmenter's disc mask (`lesion_disc`, on the 512 px fundus square) places
+        the first crop; the disc/cup Unet's own, sharper disc then re-centres and re-scales
+        it, up to twice, because a disc misjudged in size at 512 px (small photographs)
+        would be framed wrongly.
         """
-        square, masks, _ = self.locator.masks(image)
-        disc = find_disc(masks["OD"])
+        disc = find_disc(lesion_disc)
         if disc is None:
             raise ToolError(f"{self.name}: the optic disc was not found in this photograph, so no cup-to-disc ratio can be measured")
         full = fundus_square(image)
-        scale = full.width / square.width
+        scale = full.width / lesion_disc.shape[1]
         x, y, diameter = disc.x * scale, disc.y * scale, disc.diameter * scale
         for attempt in range(3):
             crop = self._crop(full, x, y, diameter)
@@ -97,7 +97,8 @@ class MeasureOpticDisc(Tool):
         return found, diameter
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        masks, diameter = self.disc_masks(gradable_image(session, inputs.image_id, self.name))
+        _, lesion_masks, _ = self.locator.session_masks(session, inputs.image_id, self.name)  # segment_lesions' own, when it ran
+        masks, diameter = self.disc_masks(session.image(inputs.image_id), lesion_masks["OD"])
         cdr = vertical_cdr(masks["disc"], masks["cup"])
         if cdr is None:
             raise ToolError(f"{self.name}: the disc outline could not be traced in the crop around the disc")

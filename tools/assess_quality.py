@@ -157,9 +157,7 @@ def assess(image: Image.Image) -> Quality:
 
 def session_quality(session: Session, image_id: str) -> Quality:
     """The gate's verdict on one session image, measured once."""
-    if image_id not in session.quality:
-        session.quality[image_id] = assess(session.image(image_id))
-    return session.quality[image_id]
+    return session.derive("quality", image_id, lambda: assess(session.image(image_id)))
 
 
 def gradable_image(session: Session, image_id: str, tool_name: str) -> Image.Image:

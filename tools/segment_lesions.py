@@ -84,8 +84,13 @@ class SegmentLesions(Tool):
             masks[code] = _without_specks(masks[code])
         return square, masks, field
 
+    def session_masks(self, session: Session, image_id: str, caller: str) -> tuple[Image.Image, dict[str, np.ndarray], np.ndarray]:
+        """`masks` of a session photograph, computed once per photograph (measure_optic_disc starts from them too)."""
+        image = gradable_image(session, image_id, caller)
+        return session.derive("lesion_masks", image_id, lambda: self.masks(image))
+
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        square, masks, field = self.masks(gradable_image(session, inputs.image_id, self.name))
+        square, masks, field = self.session_masks(session, inputs.image_id, self.name)
         field_pixels = max(int(field.sum()), 1)
         side = square.width
         disc = find_disc(masks["OD"])

@@ -113,7 +113,7 @@ class ToolsAPI(litserve.LitAPI):
                 self.quality[digest] = session_quality(session, image_id)
                 if len(self.quality) > QUALITY_CACHE_SIZE:
                     self.quality.popitem(last=False)
-            session.quality[image_id] = self.quality[digest]
+            session.derived[("quality", image_id)] = self.quality[digest]
         return tool, tool.validate(call.arguments), session
 
     def _run(self, calls: list[ToolCall]) -> list[dict | JSONResponse]:
