@@ -31,7 +31,7 @@ from PIL import Image
 
 from ophglm import DISCLAIMER
 from ophglm.agent.grounding import check_answer
-from ophglm.agent.triage import Triage, triage
+from ophglm.agent.triage import Triage, TriageFindings, triage
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
@@ -46,13 +46,21 @@ SYSTEM_PROMPT = (
 )
 QUALITY_GATE = "assess_quality"
 AUDIT = logging.getLogger("ophglm.audit")
+OUT_OF_SCOPE = ("I can only help with questions about the eyes and with colour fundus photographs, "
+                "and the knowledge base has nothing on this question.")
 log = logging.getLogger(__name__)
 EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
-MAX_MODEL_CALLS = 4  # per turn: then the model must answer without tools
+TRIAGE = "triage_findings"
+MAX_MODEL_CALLS = 3  # the LLM's own steps per turn: then it must answer without tools
+GATE_CALL = "gate_"  # id prefix of the calls the gates make (they are not the LLM's steps)
 
 
 def _call(name: str, args: dict) -> dict:
-    return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+    return {"name": name, "args": args, "id": f"{GATE_CALL}{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+
+
+def is_gate_step(message) -> bool:
+    return isinstance(message, AIMessage) and bool(message.tool_calls) and all(c["id"].startswith(GATE_CALL) for c in message.tool_calls)
 
 
 def rejected_image(turn: list) -> str:
@@ -62,6 +70,16 @@ def rejected_image(turn: list) -> str:
         if findings and not (findings["is_fundus"] and findings["gradable"]):
             return (f"I cannot assess this image: it is {findings['verdict']}. "
                     "Please send a clear colour photograph of the back of the eye (a fundus photograph).")
+    return ""
+
+
+def out_of_scope(messages: list, turn: list) -> str:
+    """The refusal for a text question the knowledge base has nothing on, in a conversation without photographs."""
+    searched = [m for m in turn if isinstance(m, ToolMessage) and m.name == "search_knowledge" and "error" not in (m.artifact or {})]
+    # A conversation about a photograph (even a rejected one) is in scope: the LLM answers follow-ups.
+    photographed = any(isinstance(m, ToolMessage) and m.name == QUALITY_GATE for m in messages)
+    if searched and not photographed and not any(m.artifact["findings"].get("passages") for m in searched):
+        return OUT_OF_SCOPE
     return ""
 
 
@@ -78,6 +96,7 @@ class ToolGates(AgentMiddleware):
     def __init__(self, tool_names: set[str]):
         super().__init__()
         self.tool_names = tool_names
+        self.model_seconds: list[float] = []  # the LLM's own calls this turn (the Assistant resets it)
 
     def wrap_model_call(self, request, handler):
         human, turn = _this_turn(request.messages)
@@ -93,11 +112,19 @@ class ToolGates(AgentMiddleware):
             calls = [_call(name, {"image_id": image_id}) for name in EXAMINE if name in self.tool_names]
             if calls:
                 return AIMessage(content="", tool_calls=calls)
+        if image_id and TRIAGE in self.tool_names and TRIAGE not in done and "classify_fundus" in done:
+            return AIMessage(content="", tool_calls=[_call(TRIAGE, {"image_id": image_id})])
         if "search_knowledge" in self.tool_names and "search_knowledge" not in done:
             return AIMessage(content="", tool_calls=[_call("search_knowledge", {"query": self._query(human, turn)})])
-        if sum(isinstance(m, AIMessage) for m in turn) >= MAX_MODEL_CALLS:
-            return handler(request.override(tools=[]))
-        return handler(request)
+        if refusal := out_of_scope(request.messages, turn):
+            return AIMessage(content=refusal)
+        if sum(isinstance(m, AIMessage) and not is_gate_step(m) for m in turn) >= MAX_MODEL_CALLS:
+            request = request.override(tools=[])
+        start = time.perf_counter()
+        try:
+            return handler(request)
+        finally:
+            self.model_seconds.append(time.perf_counter() - start)
 
     @staticmethod
     def _query(human: HumanMessage, turn: list) -> str:
@@ -116,6 +143,7 @@ class ToolCallRecord:
     args: dict
     ok: bool
     summary: str
+    seconds: float = 0.0
 
 
 @dataclass
@@ -129,6 +157,8 @@ class Reply:
     refused: bool = False
     refusal_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    # Wall-clock seconds: the whole turn, the LLM's own calls, each tool call (in ToolCallRecord).
+    timings: dict[str, float] = field(default_factory=dict)
     disclaimer: str = DISCLAIMER
 
     def to_dict(self) -> dict:
@@ -152,15 +182,20 @@ class Assistant:
         self.settings = settings
         self.session = Session()
         self.tools = tools if tools is not None else load_tools(settings)
+        if "classify_fundus" in self.tools and TRIAGE not in self.tools:
+            self.tools = {**self.tools, TRIAGE: TriageFindings()}
         self.chat_model = chat_model if chat_model is not None else make_chat_model(settings)
+        if getattr(self.chat_model, "fusion", None) is not None:  # the LLM sees this session's photographs
+            self.chat_model = self.chat_model.model_copy(update={"image_source": self._fusion_image})
         # Tools run in worker threads so a hung tool can be abandoned after settings.tool_timeout_s.
         self._tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ophglm-tool")
         self.thread = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}, "recursion_limit": 24}
+        self.gates = ToolGates(set(self.tools))
         self.graph = create_agent(
             self.chat_model,
             [self._langchain_tool(t) for t in self.tools.values()],
             system_prompt=SYSTEM_PROMPT,
-            middleware=[ToolGates(set(self.tools))],
+            middleware=[self.gates],
             checkpointer=checkpointer if checkpointer is not None else InMemorySaver(),
         )
 
@@ -178,14 +213,24 @@ class Assistant:
                 log.exception("tool %s failed unexpectedly", tool.name)
                 error = f"failed unexpectedly ({type(err).__name__}: {err})"
             _audit(tool.name, arguments, error, start)
+            seconds = round(time.perf_counter() - start, 3)
             if error is not None:
-                return f"Error from {tool.name}: {error}", {"error": error}
+                return f"Error from {tool.name}: {error}", {"error": error, "seconds": seconds}
             self.session.artifacts.update(result.artifacts)
             if result.findings:
                 self.session.findings[tool.name] = result.findings
-            return result.summary, {"findings": result.findings, "citations": result.citations, "artifacts": list(result.artifacts)}
+            return result.summary, {"findings": result.findings, "citations": result.citations, "artifacts": list(result.artifacts), "seconds": seconds}
 
         return StructuredTool.from_function(run, name=tool.name, description=tool.description, args_schema=tool.inputs, response_format="content_and_artifact")
+
+    def _fusion_image(self, image_id: str) -> Image.Image | None:
+        """A photograph for the fusion tokens; None for one the quality gate rejected (or an unknown id)."""
+        from ophglm.tools.assess_quality import gradable_image
+
+        try:
+            return gradable_image(self.session, image_id, "fusion")
+        except (ToolError, ImageError, KeyError):
+            return None
 
     def add_image(self, image: str | Path | bytes | Image.Image) -> str:
         """A file path, an uploaded file's bytes, or an already decoded photograph (decoded once)."""
@@ -208,6 +253,7 @@ class Assistant:
             content = f"{text}\n[Fundus photograph attached: image_id={image_id}]"
         before = len(self._messages())
         failure = ""
+        started, self.gates.model_seconds = time.perf_counter(), []
         try:
             for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
                 if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
@@ -217,6 +263,8 @@ class Assistant:
             failure = f"{type(err).__name__}: {err}"
         history = self._messages()
         reply = self._reply(history[before + 1:], history)
+        reply.timings = {"turn_s": round(time.perf_counter() - started, 3), "llm_s": round(sum(self.gates.model_seconds), 3),
+                         "llm_calls": len(self.gates.model_seconds), "tools_s": round(sum(c.seconds for c in reply.tool_calls), 3)}
         if failure:
             found = [c.summary for c in reply.tool_calls if c.ok and c.name != "search_knowledge"]
             reply.answer = ("The language model failed, so there is no written answer this time. "
@@ -236,12 +284,15 @@ class Assistant:
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
+                reply.notes += [f"repaired a tool call from the model: {r}" for r in message.response_metadata.get("repairs", [])]
+                if retried := message.response_metadata.get("retried"):
+                    reply.notes.append(f"asked the model once more after an unusable tool call ({retried})")
             if not isinstance(message, ToolMessage):
                 continue
             artifact = message.artifact or {}
             ok = "error" not in artifact and message.status != "error"
             call = next((c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls if c["id"] == message.tool_call_id), {"args": {}})
-            reply.tool_calls.append(ToolCallRecord(message.name, call["args"], ok, message.text))
+            reply.tool_calls.append(ToolCallRecord(message.name, call["args"], ok, message.text, artifact.get("seconds", 0.0)))
             if not ok:
                 reply.notes.append(f"{message.name} failed: {artifact.get('error', message.text)}")
                 continue
@@ -258,9 +309,9 @@ class Assistant:
             reply.answer += " (Some statements were removed because no tool result supported them.)"
         if reply.citations and not any(f"[{c['id']}]" in reply.answer for c in reply.citations):
             reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
-        if not reply.citations and "search_knowledge" in reply.findings:
+        if not reply.citations and "search_knowledge" in reply.findings and OUT_OF_SCOPE not in reply.answer:
             reply.answer += " The knowledge base does not cover this question."
         reply.triage = triage(self.session.findings)
-        if refusal := rejected_image(turn):
+        if refusal := rejected_image(turn) or out_of_scope(history, turn):
             reply.refused, reply.refusal_reason, reply.triage = True, refusal, None
         return reply

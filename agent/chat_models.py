@@ -1,7 +1,7 @@
 """The chat-model factory: one setting picks the backend, no code changes.
 
 - "local": our tool-calling wrapper over a transformers model (default: the packaged
-  SmolLM2-135M-Instruct, plus an optional LoRA adapter), on the CPU or a GPU;
+  SmolLM2-135M-Instruct with OphGLM's LoRA adapter and fusion projector), on the CPU or a GPU;
 - "openai": any OpenAI-compatible server (vLLM, llama.cpp server) through `ChatOpenAI`.
 """
 
@@ -21,5 +21,12 @@ def make_chat_model(settings: Settings):
 
     device = settings.torch_device()
     dtype = str(settings.torch_dtype(device)).removeprefix("torch.")
-    model, tokenizer = load_local_llm(str(model_folder(settings)), settings.llm_adapter, device, dtype)
-    return LocalChatModel(model=model, tokenizer=tokenizer, max_new_tokens=settings.llm_max_new_tokens)
+    model, tokenizer = load_local_llm(str(model_folder(settings)), settings.resolved_llm_adapter(), device, dtype)
+    fusion = None
+    if projector := settings.resolved_fusion():
+        from pathlib import Path
+
+        from ophglm.agent.fusion import load_fusion
+
+        fusion = load_fusion(Path(projector), settings.weights_dir, device)
+    return LocalChatModel(model=model, tokenizer=tokenizer, max_new_tokens=settings.llm_max_new_tokens, fusion=fusion)

@@ -13,6 +13,7 @@ import json
 import threading
 from typing import Any, Iterator
 
+import torch
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -42,11 +43,16 @@ def to_chat_dicts(messages: list[BaseMessage], tools: list[dict] | None) -> list
     return chat
 
 
+RETRY_PROMPT = ("Your last reply had a tool call that could not be used ({errors}). "
+                "Reply again: either valid calls to the listed tools, or your answer.")
+
+
 def _message_from_text(text: str, tools: list[dict] | None) -> AIMessage:
     allowed = {t["function"]["name"] for t in tools} if tools else set()
     parsed = parse_reply(text, allowed)
     invalid = [{"name": None, "args": None, "id": None, "error": e, "type": "invalid_tool_call"} for e in parsed.errors]
-    return AIMessage(content=parsed.content, tool_calls=parsed.tool_calls, invalid_tool_calls=invalid)
+    metadata = {"repairs": parsed.repairs} if parsed.repairs else {}
+    return AIMessage(content=parsed.content, tool_calls=parsed.tool_calls, invalid_tool_calls=invalid, response_metadata=metadata)
 
 
 class LocalChatModel(BaseChatModel):
@@ -55,6 +61,10 @@ class LocalChatModel(BaseChatModel):
     model: Any
     tokenizer: Any
     max_new_tokens: int = 256
+    # Fusion tokens (agent/fusion.py): the projector, and where to find a conversation's photographs
+    # (the Assistant sets image_source to its session's gradable images; None = no image tokens).
+    fusion: Any = None
+    image_source: Any = None
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @property
@@ -66,25 +76,61 @@ class LocalChatModel(BaseChatModel):
 
     def _inputs(self, messages: list[BaseMessage], tools: list[dict] | None):
         schemas = [t["function"] for t in tools] if tools else None
-        ids = self.tokenizer.apply_chat_template(to_chat_dicts(messages, schemas), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        chat = to_chat_dicts(messages, schemas)
+        if self.fusion is not None and self.image_source is not None:
+            from ophglm.agent.fusion import fused_embeddings
+
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            with torch.inference_mode():
+                embeds = fused_embeddings(text, self.tokenizer, self.model.get_input_embeddings(), self._soft_tokens)
+            return {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
+        ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return {k: v.to(self.model.device) for k, v in ids.items()}
 
-    def _generate_kwargs(self, inputs) -> dict:
-        return dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.1,
-                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+    def _soft_tokens(self, image_id: str):
+        image = self.image_source(image_id)
+        return None if image is None else self.fusion.tokens([image])[0]
 
-    def _generate(self, messages, stop=None, run_manager=None, tools=None, **kwargs) -> ChatResult:
-        import torch
+    def _prompt_length(self, inputs) -> int:
+        # generate() returns only new tokens when it was given embeddings instead of ids.
+        return inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
 
+    def _generate_kwargs(self, inputs, tools: list[dict] | None) -> dict:
+        kwargs = dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.1,
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if tools:
+            from transformers import LogitsProcessorList
+
+            from ophglm.agent.constrained import ToolNameConstraint
+
+            names = {t["function"]["name"] for t in tools}
+            kwargs["logits_processor"] = LogitsProcessorList([ToolNameConstraint(self.tokenizer, names, self._prompt_length(inputs))])
+        return kwargs
+
+    def _complete(self, messages, tools) -> str:
         inputs = self._inputs(messages, tools)
         with torch.inference_mode():
-            output = self.model.generate(**self._generate_kwargs(inputs))
-        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return ChatResult(generations=[ChatGeneration(message=_message_from_text(text, tools))])
+            output = self.model.generate(**self._generate_kwargs(inputs, tools))
+        return self.tokenizer.decode(output[0, self._prompt_length(inputs):], skip_special_tokens=True)
+
+    def _checked(self, messages, tools, text: str) -> AIMessage:
+        """The parsed reply; a reply whose only calls are unusable is retried once with the errors shown to the model."""
+        message = _message_from_text(text, tools)
+        if message.tool_calls or not message.invalid_tool_calls:
+            return message
+        errors = "; ".join(c["error"] for c in message.invalid_tool_calls)
+        retry = [*messages, AIMessage(content=text), HumanMessage(content=RETRY_PROMPT.format(errors=errors))]
+        second = _message_from_text(self._complete(retry, tools), tools)
+        second.invalid_tool_calls = [*message.invalid_tool_calls, *second.invalid_tool_calls]
+        second.response_metadata["retried"] = errors
+        return second
+
+    def _generate(self, messages, stop=None, run_manager=None, tools=None, **kwargs) -> ChatResult:
+        message = self._checked(messages, tools, self._complete(messages, tools))
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages, stop=None, run_manager=None, tools=None, **kwargs) -> Iterator[ChatGenerationChunk]:
         """Stream prose token by token; hold back tool-call text and emit the parsed calls at the end."""
-        import torch
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages, tools)
@@ -92,7 +138,7 @@ class LocalChatModel(BaseChatModel):
 
         def generate():
             with torch.inference_mode():
-                self.model.generate(**self._generate_kwargs(inputs), streamer=streamer)
+                self.model.generate(**self._generate_kwargs(inputs, tools), streamer=streamer)
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
@@ -108,7 +154,9 @@ class LocalChatModel(BaseChatModel):
                     run_manager.on_llm_new_token(delta)
                 yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
         worker.join()
-        final = _message_from_text(text, tools)
-        tail = TOOL_CALL.sub("", text)[shown:]  # what was held back, minus the call text
+        final = self._checked(messages, tools, text)
+        # What was held back, minus the call text (after a retry: the retry's prose).
+        tail = final.text if "retried" in final.response_metadata else TOOL_CALL.sub("", text)[shown:]
         chunks = [{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"} for i, c in enumerate(final.tool_calls)]
-        yield ChatGenerationChunk(message=AIMessageChunk(content=tail, tool_call_chunks=chunks, invalid_tool_calls=final.invalid_tool_calls))
+        yield ChatGenerationChunk(message=AIMessageChunk(content=tail, tool_call_chunks=chunks, invalid_tool_calls=final.invalid_tool_calls,
+                                                         response_metadata=final.response_metadata))

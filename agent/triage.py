@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ophglm.session import Session
+from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
+
 LEVELS = ("urgent", "soon", "routine", "none")
 
 
@@ -68,3 +71,22 @@ def triage(findings: dict[str, Any]) -> Triage | None:
         if condition(findings):
             return Triage(level, reason, rule)
     return Triage("routine", "the findings are uncertain: have the photograph reviewed by an eye-care professional", "uncertain")
+
+
+class TriageFindings(Tool):
+    """The rule table as a tool, so the LLM reads the level it must explain (it never decides it)."""
+
+    name = "triage_findings"
+    description = (
+        "The referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives for what the "
+        "tools found in one photograph, with the rule's reason."
+    )
+    inputs = ImageInput
+
+    def run(self, inputs: ImageInput, session: Session) -> ToolResult:
+        found = {name: f for name, f in session.findings.items() if isinstance(f, dict) and f.get("image_id") == inputs.image_id}
+        level = triage(found)
+        if level is None:
+            raise ToolError(f"{self.name}: {inputs.image_id} has no classifier result to triage; examine it first")
+        summary = f"Triage for {inputs.image_id}: {level.level}. Reason: {level.reason}."
+        return ToolResult(summary=summary, findings={"image_id": inputs.image_id, "level": level.level, "reason": level.reason, "rule": level.rule})

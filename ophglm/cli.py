@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = p.add_subparsers(dest="action", required=True)
     add_eval_retrieval_parser(eval_sub)
     add_eval_vision_parser(eval_sub)
+    from ophglm.finetune.evaluate_agent import add_eval_agent_parser
+
+    add_eval_agent_parser(eval_sub)
 
     p = sub.add_parser("tools", help="the tool registry")
     tools_sub = p.add_subparsers(dest="action", required=True)
@@ -254,19 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("train", help="train a vision model on a data folder laid out like ../shared/data")
-    p.add_argument("model", choices=["classifier", "segmenter"])
-    p.add_argument("--data", default="../shared/data")
-    p.add_argument("--out", help="weights file (default: the packaged weights under tools/weights/)")
-    p.add_argument("--minutes", type=float, help="training time budget")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--backbone", help="classifier: efficientnet_lite0 | convnext_atto | convnext_nano | convnext_tiny")
-    p.add_argument("--pretrained", help="classifier: imagenet (packaged Lite0), '' (scratch) or a checkpoint path")
-    p.add_argument("--encoder", help="segmenter: tu-efficientnet_lite0 | tu-convnext_atto")
-    p.add_argument("--init", help="segmenter: continue training from this weights file")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--task", choices=["lesions", "disc_cup", "vessels"], help="segmenter: which Unet (default lesions)")
-    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("train", help="train a model (vision tools, the LLM's LoRA adapter, the fusion projector)")
+    train_sub = p.add_subparsers(dest="model", required=True)
+    for model in ("classifier", "segmenter"):
+        t = train_sub.add_parser(model, help=f"train the {model} on a data folder laid out like ../shared/data")
+        t.add_argument("--data", default="../shared/data")
+        t.add_argument("--out", help="weights file (default: the packaged weights under tools/weights/)")
+        t.add_argument("--minutes", type=float, help="training time budget")
+        t.add_argument("--threads", type=int)
+        t.add_argument("--lr", type=float, help="peak learning rate")
+        if model == "classifier":
+            t.add_argument("--backbone", help="efficientnet_lite0 | convnext_atto | convnext_nano | convnext_tiny")
+            t.add_argument("--pretrained", help="imagenet (packaged Lite0), '' (scratch) or a checkpoint path")
+        else:
+            t.add_argument("--encoder", help="tu-efficientnet_lite0 | tu-convnext_atto")
+            t.add_argument("--init", help="continue training from this weights file")
+            t.add_argument("--task", choices=["lesions", "disc_cup", "vessels"], help="which Unet (default lesions)")
+        t.set_defaults(func=cmd_train)
+    from ophglm.finetune.fusion import add_fusion_parsers
+    from ophglm.finetune.train_llm import add_train_llm_parser
+
+    add_train_llm_parser(train_sub)
+    add_fusion_parsers(train_sub, eval_sub)
+
+    from ophglm.finetune.instruction_data import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

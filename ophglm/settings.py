@@ -8,6 +8,7 @@ variables, each later source overriding the earlier one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def packaged_llm_weights() -> Path:
+    """Where the shipped LoRA adapters and fusion projector live (inside the installed package)."""
+    from importlib import resources
+
+    return Path(str(resources.files("ophglm.agent") / "weights"))
+
+
 def _default_cache_dir() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ophglm")
 
@@ -30,8 +38,12 @@ class Settings:
     llm_backend: str = "local"
     # local backend: "smollm2" (packaged GGUF, converted once into cache_dir) or a folder with HF weights.
     llm_model: str = "smollm2"
-    # local backend: a folder holding a LoRA adapter to apply on top of llm_model ("" = none).
-    llm_adapter: str = ""
+    # local backend: a folder holding a LoRA adapter to apply on top of llm_model; "auto" = the
+    # adapter shipped for a packaged model (agent/weights/<model>-lora) if there is one; "" = none.
+    llm_adapter: str = "auto"
+    # local backend: the fusion projector (image -> soft tokens); "auto" = the shipped one when it
+    # was trained for this model and adapter; "" = none.
+    fusion: str = "auto"
     # openai backend: base URL (e.g. http://localhost:8000/v1), served model name and key.
     llm_base_url: str = ""
     llm_served_model: str = "ophglm"
@@ -78,6 +90,26 @@ class Settings:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def resolved_llm_adapter(self) -> str:
+        if self.llm_adapter != "auto":
+            return self.llm_adapter
+        shipped = packaged_llm_weights() / f"{self.llm_model}-lora"
+        return str(shipped) if (shipped / "adapter_config.json").is_file() else ""
+
+    def resolved_fusion(self) -> str:
+        """The projector file, or '' when none fits this model and adapter (a mismatched one would mislead)."""
+        if self.fusion != "auto":
+            return self.fusion
+        shipped = packaged_llm_weights() / "fusion_projector.safetensors"
+        if self.llm_backend != "local" or not shipped.is_file():
+            return ""
+        from safetensors import safe_open
+
+        with safe_open(str(shipped), "pt") as f:
+            config = json.loads(f.metadata()["config"])
+        adapter = self.resolved_llm_adapter()
+        return str(shipped) if config["llm_model"] == self.llm_model and config["llm_adapter"] == (Path(adapter).name if adapter else "") else ""
 
     @property
     def chroma_folder(self) -> Path:

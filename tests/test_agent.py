@@ -37,7 +37,7 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     assistant = Assistant(settings, chat_model=model, tools=tools)
     reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
 
-    assert [c.name for c in reply.tool_calls] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc", "search_knowledge"]
+    assert [c.name for c in reply.tool_calls] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc", "triage_findings", "search_knowledge"]
     assert all(c.ok for c in reply.tool_calls)
     image_id = reply.findings["classify_fundus"]["image_id"]
     assert reply.tool_calls[0].args == {"image_id": image_id}
@@ -54,7 +54,9 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     assert reply.triage is not None and reply.triage.level in ("urgent", "soon", "routine", "none")
     assert reply.disclaimer == DISCLAIMER
     # the model was bound to every tool and saw the tool results, not pixels or paths
-    assert set(model.bound_tools) == set(tools)
+    assert set(model.bound_tools) == set(tools) | {"triage_findings"}
+    # the LLM read the rule table's level (it explains the urgency, it does not decide it)
+    assert f"Triage for {reply.findings['classify_fundus']['image_id']}: {reply.triage.level}." in str(model.prompts[0])
     assert str(demo_fundus_path) not in str(model.prompts[0])
 
 
@@ -72,11 +74,12 @@ def test_text_question_cites_retrieved_chunks(settings, tools):
     assert reply.triage is None and not reply.findings.get("classify_fundus")
 
 
-def test_out_of_scope_question_says_the_knowledge_base_does_not_cover_it(settings, tools):
-    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=["I am not sure."]), tools=tools)
-    reply = assistant.ask("How do I bake sourdough bread?")
-    assert reply.citations == []
-    assert "does not cover" in reply.answer
+def test_out_of_scope_question_is_refused_without_the_llm(settings, tools):
+    model = ScriptedChatModel(steps=[])  # any LLM call would fail: the refusal is deterministic
+    reply = Assistant(settings, chat_model=model, tools=tools).ask("How do I bake sourdough bread?")
+    assert reply.citations == [] and model.prompts == []
+    assert reply.refused and "knowledge base has nothing on this question" in reply.answer
+    assert reply.refusal_reason == reply.answer and reply.triage is None
 
 
 def test_model_tool_calls_run_and_bad_ones_are_reported(settings, tools, demo_fundus_path):

@@ -101,7 +101,7 @@ def test_the_agent_examines_a_photograph_on_the_tool_server(settings, remote):
     tools = {name: tool for name, tool in remote.items() if name != "search_knowledge"}  # no knowledge index needed
     model = ScriptedChatModel(steps=["The tools examined the photograph."])
     reply = Assistant(settings, chat_model=model, tools=tools).ask("Is something wrong?", image=make_synthetic_fundus(512, seed=2).image)
-    assert [c.name for c in reply.tool_calls] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc"]
+    assert [c.name for c in reply.tool_calls] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc", "triage_findings"]
     assert all(c.ok for c in reply.tool_calls) and reply.triage is not None
     assert reply.findings["classify_fundus"]["probabilities"]
 

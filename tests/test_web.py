@@ -55,9 +55,9 @@ def test_photo_question_streams_into_the_page(page, demo_fundus_path, tmp_path):
     expect(bot).to_have_attribute("data-state", "done", timeout=30_000)
 
     tools = bot.locator(".tools li")
-    expect(tools).to_have_count(5)
+    expect(tools).to_have_count(6)
     assert sorted(item.get_attribute("data-tool") for item in tools.all()) == [
-        "assess_quality", "classify_fundus", "measure_optic_disc", "search_knowledge", "segment_lesions"]
+        "assess_quality", "classify_fundus", "measure_optic_disc", "search_knowledge", "segment_lesions", "triage_findings"]
     assert {item.get_attribute("data-status") for item in tools.all()} == {"ok"}
     expect(bot.locator(".answer")).to_contain_text("probability of")
 

@@ -14,7 +14,7 @@ from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolResult
 
 
-EXCERPT_WORDS = 60
+EXCERPT_WORDS = 45
 
 
 def _excerpt(text: str) -> str:
