@@ -148,7 +148,9 @@ def build_instruction_data(cfg: DataConfig) -> dict:
         by_label.setdefault(record.label, []).append(record)
     train_photos = [r for r in records if split_of(r.group) == "train"]
     # Equal numbers per label, so the answers the LLM sees are not mostly "normal" or "DR".
-    picked = [rng.choice([r for r in by_label[label] if split_of(r.group) == "train"]) for label in CLASSIFIER_CLASSES for _ in range(cfg.photos // len(CLASSIFIER_CLASSES))]
+    trainable = {label: [r for r in rs if split_of(r.group) == "train"] for label, rs in sorted(by_label.items())}
+    trainable = {label: rs for label, rs in trainable.items() if rs}
+    picked = [rng.choice(rs) for rs in trainable.values() for _ in range(cfg.photos // max(len(trainable), 1))]
     knowledge = _knowledge_questions(rng)
     non_fundus = non_fundus_images(cfg.rejected * 2, seed=cfg.seed + 7)
     plans: list[tuple[str, str, list[Turn]]] = []

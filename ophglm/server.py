@@ -233,7 +233,10 @@ def create_app(settings: Settings, assistant_factory: AssistantFactory | None = 
     @api.post("/sessions", status_code=201)
     def create_session() -> dict:
         """A new conversation. The first call loads the chat model and tools (seconds to a minute)."""
-        return {"session_id": sessions.create()}
+        try:
+            return {"session_id": sessions.create()}
+        except USER_ERRORS as err:  # a setting that cannot work (the tool server down, a missing model): say which
+            raise _fail(503, f"the assistant could not start: {err}") from None
 
     @api.post("/sessions/{session_id}/messages", response_class=StreamingResponse, openapi_extra={"requestBody": MESSAGE_BODY},
               responses={200: {"content": {"text/event-stream": {}}, "description": EVENTS_DOC}})

@@ -1,0 +1,107 @@
+"""The LLM side of the agent without a trained LLM: call formats, repair and retry, constrained names,
+fusion-token insertion, and instruction data recorded from the real loop on synthetic photographs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from ophglm.agent.constrained import ToolNameConstraint
+from ophglm.agent.fusion import fused_embeddings
+from ophglm.agent.local_model import LocalChatModel
+from ophglm.agent.toolcalls import parse_reply
+from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+
+ALLOWED = {"classify_fundus", "search_knowledge", "measure_vessels"}
+TOOLS = [{"type": "function", "function": {"name": n, "description": "d", "parameters": {}}} for n in sorted(ALLOWED)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ophglm.agent.llm_loader import model_folder
+    from ophglm.settings import load_settings
+
+    return AutoTokenizer.from_pretrained(model_folder(load_settings()))
+
+
+def test_glm_formats_are_read():
+    glm45 = parse_reply("<tool_call>search_knowledge\n<arg_key>query</arg_key>\n<arg_value>glaucoma drops</arg_value>\n</tool_call>", ALLOWED)
+    assert [(c["name"], c["args"]) for c in glm45.tool_calls] == [("search_knowledge", {"query": "glaucoma drops"})]
+    glm4 = parse_reply('measure_vessels\n{"image_id": "img-1"}', ALLOWED)
+    assert [(c["name"], c["args"]) for c in glm4.tool_calls] == [("measure_vessels", {"image_id": "img-1"})] and glm4.content == ""
+    assert parse_reply("glaucoma\nis a disease {of the nerve}", ALLOWED).tool_calls == []  # prose is not a call
+
+
+def test_slips_are_repaired_and_said_so():
+    reply = parse_reply("<tool_call>{'name': 'clasify_fundus', 'arguments': {'image_id': 'img-1',},}</tool_call>", ALLOWED)
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("classify_fundus", {"image_id": "img-1"})]
+    assert reply.repairs == ["tool name 'clasify_fundus' read as 'classify_fundus'"] and not reply.errors
+    far = parse_reply('<tool_call>{"name": "diagnose", "arguments": {}}</tool_call>', ALLOWED)
+    assert far.tool_calls == [] and "unknown tool 'diagnose'" in far.errors[0]
+
+
+def test_constrained_decoding_keeps_a_tool_name_on_a_declared_one(tokenizer):
+    constraint = ToolNameConstraint(tokenizer, ALLOWED, prompt_length=0)
+    allowed = constraint.allowed_tokens('<tool_call>{"name": "classify_f')
+    assert allowed and all('undus"'.startswith(constraint.pieces[i]) for i in allowed)
+    assert constraint.allowed_tokens("The classifier says") is None  # prose is free
+    assert constraint.allowed_tokens('<tool_call>{"name": "zzz') is None  # off every name: the parser reports it
+    ids = torch.tensor([tokenizer('<tool_call>{"name": "measure_', add_special_tokens=False)["input_ids"]])
+    scores = constraint(ids, torch.zeros(1, len(tokenizer)))
+    best = tokenizer.decode([int(scores[0].argmax())])
+    assert 'vessels"'.startswith(best) and torch.isinf(scores[0]).sum() > len(tokenizer) - 100
+
+
+def test_an_unusable_call_is_retried_once_then_reported(monkeypatch):
+    outputs = iter(['<tool_call>{"name": "diagnose_all", "arguments": {}}</tool_call>',
+                    '<tool_call>{"name": "classify_fundus", "arguments": {"image_id": "img-1"}}</tool_call>'])
+    seen = []
+    monkeypatch.setattr(LocalChatModel, "_complete", lambda self, messages, tools: seen.append(messages) or next(outputs))
+    model = LocalChatModel(model=None, tokenizer=None)
+    message = model.invoke([SystemMessage("s"), HumanMessage("q")], tools=TOOLS)
+    assert [c["name"] for c in message.tool_calls] == ["classify_fundus"]
+    assert "diagnose_all" in message.response_metadata["retried"] and "could not be used" in seen[1][-1].text
+    outputs = iter(["<tool_call>{broken</tool_call>", "<tool_call>{still broken</tool_call>"])
+    message = model.invoke([HumanMessage("q")], tools=TOOLS)
+    assert message.tool_calls == [] and len(message.invalid_tool_calls) == 2  # reported, never silently dropped
+
+
+def test_fusion_tokens_go_right_after_each_gradable_photographs_attachment_line(tokenizer):
+    embed = torch.nn.Embedding(len(tokenizer), 8)
+    text = ("Look.\n[Fundus photograph attached: image_id=img-aaaaaaaaaaaa] and "
+            "[Fundus photograph attached: image_id=img-bbbbbbbbbbbb] done")
+    soft = {"img-aaaaaaaaaaaa": torch.full((3, 8), 7.0), "img-bbbbbbbbbbbb": None}  # b: rejected by the gate
+    with torch.no_grad():
+        fused = fused_embeddings(text, tokenizer, embed, soft.get)[0]
+        plain = fused_embeddings(text, tokenizer, embed, lambda _: None)[0]
+    head = len(tokenizer("Look.\n[Fundus photograph attached: image_id=img-aaaaaaaaaaaa]", add_special_tokens=False)["input_ids"])
+    assert len(fused) == len(plain) + 3
+    assert torch.equal(fused[head:head + 3], torch.full((3, 8), 7.0)) and torch.equal(fused[:head], plain[:head])
+
+
+def test_data_build_records_grounded_conversations_from_the_real_loop(tmp_path, settings, knowledge_index, monkeypatch):
+    from ophglm.finetune.instruction_data import DataConfig, build_instruction_data
+
+    monkeypatch.setenv("OPHGLM_CHROMA_PATH", str(settings.chroma_folder))
+    root = tmp_path / "data"
+    for label in ("normal", "diabetic_retinopathy"):
+        (root / "classify_4class" / label).mkdir(parents=True)
+        for i in range(6):
+            make_synthetic_fundus(320, seed=i, lesions=label != "normal").image.save(root / "classify_4class" / label / f"{i}{label[0]}_left.jpg")
+    sheet = build_instruction_data(DataConfig(data=root, out=tmp_path / "out", photos=4, rejected=2, text=6, seed=3))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "conversations.jsonl").open()]
+    assert rows and sum(n for k, n in sheet["conversations"].items() if "/train" in k or "/val" in k) == len(rows)
+    for row in rows:
+        trained = [m for m in row["messages"] if m["train"]]
+        assert trained and all(m["role"] == "assistant" for m in trained)
+        assert row["messages"][0]["role"] == "system" and "<tool_call>" in row["messages"][0]["content"]
+    photo = next(r for r in rows if r["kind"] == "photo")
+    assert any("triage_findings" in m["content"] for m in photo["messages"] if m["role"] == "assistant")
+    qa = [json.loads(line) for line in (tmp_path / "out" / "visual_qa.jsonl").open()]
+    assert {q["label"] for q in qa} == {"normal", "diabetic_retinopathy"}
+    assert all(q["answer"] in ("yes", "no", "normal", "diabetic retinopathy") for q in qa)
