@@ -36,6 +36,7 @@ class FusionConfig:
     images: str = "../shared/data"  # the folder its image paths are relative to
     out: str = ""                   # default agent/weights/fusion_projector.safetensors
     minutes: float = 10.0
+    max_steps: int = 0              # 0 = as many as the minutes allow
     tokens: int = 4
     hidden: int = 1024
     lr: float = 1e-3
@@ -120,7 +121,7 @@ def train_fusion(cfg: FusionConfig) -> dict:
     optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=0.01)
     start, step, losses = time.time(), 0, []
     bar = tqdm(desc="fusion steps", unit="step")
-    while time.time() - start < 60 * cfg.minutes:
+    while time.time() - start < 60 * cfg.minutes and not (cfg.max_steps and step >= cfg.max_steps):
         batch = random.sample(rows, min(cfg.batch, len(rows)))
         soft = projector(torch.stack([features[r["image"]] for r in batch]))
         embeds, mask, labels = _batch(batch, soft, model, tokenizer)
@@ -129,7 +130,7 @@ def train_fusion(cfg: FusionConfig) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")

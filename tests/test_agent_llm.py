@@ -105,3 +105,34 @@ def test_data_build_records_grounded_conversations_from_the_real_loop(tmp_path, 
     qa = [json.loads(line) for line in (tmp_path / "out" / "visual_qa.jsonl").open()]
     assert {q["label"] for q in qa} == {"normal", "diabetic_retinopathy"}
     assert all(q["answer"] in ("yes", "no", "normal", "diabetic retinopathy") for q in qa)
+
+
+def test_fusion_trains_saves_and_reaches_the_local_chat_model(tmp_path, monkeypatch):
+    """A few projector steps on synthetic photographs; the saved projector puts image tokens into the prompt."""
+    from langchain_core.messages import HumanMessage
+
+    from ophglm.agent.chat_models import make_chat_model
+    from ophglm.agent.fusion import load_fusion
+    from ophglm.finetune.fusion import FusionConfig, train_fusion
+    from ophglm.settings import load_settings
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, label in enumerate(["normal", "glaucoma"] * 2):
+        make_synthetic_fundus(256, seed=i, lesions=False).image.save(tmp_path / "images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "label": label, "question": "Is this eye normal? Answer yes or no.",
+                     "answer": "yes" if label == "normal" else "no", "split": "train"})
+    (tmp_path / "visual_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "projector.safetensors"
+    report = train_fusion(FusionConfig(data=str(tmp_path), images=str(tmp_path), out=str(out), max_steps=2, batch=2, tokens=2, hidden=32))
+    assert report["steps"] == 2 and report["train_photos"] == 4 and out.is_file()
+    fusion = load_fusion(out)
+    assert fusion.tokens([make_synthetic_fundus(256, seed=9).image]).shape == (1, 2, report["embed_dim"])
+    monkeypatch.setenv("OPHGLM_FUSION", str(out))
+    model = make_chat_model(load_settings(llm_max_new_tokens=2))
+    photo = make_synthetic_fundus(256, seed=1).image
+    chat = model.model_copy(update={"image_source": lambda image_id: photo})
+    message = [HumanMessage("Look.\n[Fundus photograph attached: image_id=img-0123456789ab]")]
+    with_image, without = chat._inputs(message, None), model._inputs(message, None)
+    assert with_image["inputs_embeds"].shape[1] == without["input_ids"].shape[1] + 2
+    assert chat.invoke(message).content is not None  # generation from embeddings runs

@@ -87,5 +87,10 @@ def test_ask_about_a_photograph_with_the_packaged_llm(chroma_env, demo_fundus_pa
     assert [c["name"] for c in out["tool_calls"]][:4] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc"]
     assert {"classify_fundus", "segment_lesions", "measure_optic_disc"} <= set(out["findings"])
     assert out["refused"] is False and out["refusal_reason"] == ""
-    assert out["triage"]["level"] in ("urgent", "soon", "routine", "none")
+    assert out["triage"]["level"] in ("urgent", "soon", "routine", "none") and out["triage"]["reason"]
     assert out["answer"] and "not a diagnosis" in out["disclaimer"]
+    # everything a caller needs to audit the turn: arguments, results, passages, timings
+    assert all(c["args"].get("image_id", "").startswith("img-") for c in out["tool_calls"][:4])
+    assert all(c["text"] for c in out["citations"])
+    assert out["timings"]["turn_s"] >= out["timings"]["llm_s"] > 0 and out["timings"]["llm_calls"] >= 1
+    assert all(c["seconds"] > 0 for c in out["tool_calls"])
