@@ -1,10 +1,15 @@
-"""Constrained decoding for the local LLM: inside a tool call, only declared tool names can be written.
+"""Logits processors for the local LLM: declared tool names only, and no penalty for quoting the tools.
 
+Inside a tool call, only declared tool names can be written.
 STACK.md: a fine-tuned 135M model still invents tool names now and then. While the text
 generated so far ends inside `<tool_call>{"name": "...`, this logits processor allows only
 tokens that continue one of the declared names (then the closing quote); everywhere else it
 leaves the model alone. Argument values are free text and are checked against the tool's
 schema when the call runs.
+
+A repetition penalty keeps a small model from looping, but transformers applies it to the
+prompt's tokens too, and the prompt holds the tool results the answer must quote exactly
+("0.66" is a repetition): `GeneratedRepetitionPenalty` penalises only what the model wrote.
 """
 
 from __future__ import annotations
@@ -43,6 +48,20 @@ class ToolNameConstraint:
                 mask[allowed] = 0.0
                 scores[row] = scores[row] + mask
         return scores
+
+
+class GeneratedRepetitionPenalty:
+    """transformers' repetition penalty, over the generated tokens only."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self.penalty, self.prompt_length = penalty, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, generated)
+        return scores.scatter(1, generated, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
 
 
 _PIECES: dict[int, list[str]] = {}

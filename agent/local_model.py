@@ -43,6 +43,7 @@ def to_chat_dicts(messages: list[BaseMessage], tools: list[dict] | None) -> list
     return chat
 
 
+REPETITION_PENALTY = 1.1  # on the model's own words only (constrained.py): small models loop
 RETRY_PROMPT = ("Your last reply had a tool call that could not be used ({errors}). "
                 "Reply again: either valid calls to the listed tools, or your answer.")
 
@@ -96,16 +97,15 @@ class LocalChatModel(BaseChatModel):
         return inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
 
     def _generate_kwargs(self, inputs, tools: list[dict] | None) -> dict:
-        kwargs = dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.1,
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        from transformers import LogitsProcessorList
+
+        from ophglm.agent.constrained import GeneratedRepetitionPenalty, ToolNameConstraint
+
+        processors = [GeneratedRepetitionPenalty(REPETITION_PENALTY, self._prompt_length(inputs))]
         if tools:
-            from transformers import LogitsProcessorList
-
-            from ophglm.agent.constrained import ToolNameConstraint
-
-            names = {t["function"]["name"] for t in tools}
-            kwargs["logits_processor"] = LogitsProcessorList([ToolNameConstraint(self.tokenizer, names, self._prompt_length(inputs))])
-        return kwargs
+            processors.append(ToolNameConstraint(self.tokenizer, {t["function"]["name"] for t in tools}, self._prompt_length(inputs)))
+        return dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList(processors),
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 
     def _complete(self, messages, tools) -> str:
         inputs = self._inputs(messages, tools)

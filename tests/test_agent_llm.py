@@ -136,3 +136,12 @@ def test_fusion_trains_saves_and_reaches_the_local_chat_model(tmp_path, monkeypa
     with_image, without = chat._inputs(message, None), model._inputs(message, None)
     assert with_image["inputs_embeds"].shape[1] == without["input_ids"].shape[1] + 2
     assert chat.invoke(message).content is not None  # generation from embeddings runs
+
+
+def test_the_repetition_penalty_spares_the_prompt_the_answer_must_quote():
+    from ophglm.agent.constrained import GeneratedRepetitionPenalty
+
+    penalty = GeneratedRepetitionPenalty(2.0, prompt_length=3)
+    scores = torch.tensor([[4.0, 4.0, -4.0, 4.0, 1.0]])
+    out = penalty(torch.tensor([[0, 1, 2, 3, 2]]), scores.clone())  # prompt: 0 1 2; generated: 3 2
+    assert out.tolist() == [[4.0, 4.0, -8.0, 2.0, 1.0]]  # 0 and 1 (prompt only) untouched; 3 and 2 (generated) penalised
