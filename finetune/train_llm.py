@@ -163,7 +163,6 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, seen, spent, order = state["step"], state["seen"], state["spent"], state["order"]
-    before = _mean_loss(model, val[:40], device) if val and step == 0 else None
     model.train()
     start, last_save, running = time.time() - spent, time.time(), []
     bar = tqdm(total=total, initial=step, desc="LoRA steps", unit="step")
@@ -185,6 +184,8 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
                         "spent": time.time() - start, "order": order}, checkpoint / "state.pt")
             last_save = time.time()
     bar.close()
+    with model.disable_adapter():  # the base model's loss on the same conversations, whether or not this run resumed
+        before = _mean_loss(model, val[:40], device) if val else None
     report = {"model": str(cfg.model), "base_folder": str(folder), "device": device, "steps": step, "epochs": round(seen / len(train), 3),
               "minutes": round((time.time() - start) / 60, 1), "train_conversations": len(train), "val_conversations": len(val),
               "skipped_too_long": skipped, "final_train_loss": round(sum(running[-64:]) / max(len(running[-64:]), 1), 4),
