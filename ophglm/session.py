@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +89,19 @@ class Session:
     # What tools computed from a photograph and other tools reuse, by (kind, image_id): the
     # quality gate's verdict, the lesion masks the disc measurement starts from.
     derived: dict[tuple[str, str], object] = field(default_factory=dict)
+    # The gates run segment_lesions and measure_optic_disc at the same time: the second waits
+    # for the first's masks instead of computing them again.
+    _derive_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict, repr=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def derive(self, kind: str, image_id: str, compute):
-        """`compute()` once per photograph and kind; later calls get the stored result."""
+        """`compute()` once per photograph and kind, even across threads; later calls get the stored result."""
         key = (kind, image_id)
-        if key not in self.derived:
-            self.derived[key] = compute()
+        with self._guard:
+            lock = self._derive_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self.derived:
+                self.derived[key] = compute()
         return self.derived[key]
 
     def add_image(self, image: Image.Image, data: bytes | None = None) -> str:

@@ -5,6 +5,7 @@ see the same framing: the lesion segmenter finds the disc on the whole photograp
 square crop `crop_to_disc_diameter` disc diameters wide is cut around it from the
 full-resolution photograph (stored with the weights, measured on the training masks). The
 vessel Unet (DRIVE) looks at the whole fundus square like the lesion segmenter does.
+Both tools take a tool-server batch through their Unets together (`run_batch`).
 """
 
 from __future__ import annotations
@@ -66,51 +67,69 @@ class MeasureOpticDisc(Tool):
         half = self.unet.config["crop_to_disc_diameter"] * diameter / 2
         return full.crop((round(x - half), round(y - half), round(x + half), round(y + half)))
 
-    def disc_masks(self, image: Image.Image, lesion_disc: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        """Disc and cup masks on a full-resolution crop framed like the training crops.
+    def disc_masks_batch(self, images: list[Image.Image], lesion_discs: list[np.ndarray]) -> list[tuple[dict[str, np.ndarray], float]]:
+        """Disc and cup masks, with the disc diameter, on full-resolution crops framed like the training crops.
 
         The lesion segmenter's disc mask (`lesion_disc`, on the 512 px fundus square) places
         the first crop; the disc/cup Unet's own, sharper disc then re-centres and re-scales
         it, up to twice, because a disc misjudged in size at 512 px (small photographs)
-        would be framed wrongly.
+        would be framed wrongly. Each round is one Unet forward for every photograph still
+        being re-framed, so a batch costs at most three forwards whatever its size.
         """
-        disc = find_disc(lesion_disc)
-        if disc is None:
-            raise ToolError(f"{self.name}: the optic disc was not found in this photograph, so no cup-to-disc ratio can be measured")
-        full = fundus_square(image)
-        scale = full.width / lesion_disc.shape[1]
-        x, y, diameter = disc.x * scale, disc.y * scale, disc.diameter * scale
+        frames = []  # per photograph: its full-resolution fundus square and the disc's x, y, diameter on it
+        for image, lesion_disc in zip(images, lesion_discs):
+            disc = find_disc(lesion_disc)
+            if disc is None:
+                raise ToolError(f"{self.name}: the optic disc was not found in this photograph, so no cup-to-disc ratio can be measured")
+            full = fundus_square(image)
+            scale = full.width / lesion_disc.shape[1]
+            frames.append((full, disc.x * scale, disc.y * scale, disc.diameter * scale))
+        measured = [None] * len(frames)  # each is set in the first round, and again in each re-framing
+        active = list(range(len(frames)))
         for attempt in range(3):
-            crop = self._crop(full, x, y, diameter)
-            found = self.unet.masks([crop])[0]
-            refined = find_disc(found["disc"])
-            if refined is None or attempt == 2:
+            crops = [self._crop(*frames[i]) for i in active]
+            reframe = []
+            for i, crop, found in zip(active, crops, self.unet.masks(crops)):
+                full, x, y, diameter = frames[i]
+                measured[i] = (found, diameter)
+                refined = find_disc(found["disc"])
+                if refined is None or attempt == 2:
+                    continue
+                size = found["disc"].shape[0]
+                to_full = crop.width / size
+                expected = size / self.unet.config["crop_to_disc_diameter"]
+                off_centre = np.hypot(refined.x - size / 2, refined.y - size / 2) / expected
+                if abs(refined.diameter / expected - 1) < 0.1 and off_centre < 0.1:
+                    continue
+                frames[i] = (full, x - crop.width / 2 + refined.x * to_full, y - crop.height / 2 + refined.y * to_full, refined.diameter * to_full)
+                reframe.append(i)
+            active = reframe
+            if not active:
                 break
-            size = found["disc"].shape[0]
-            to_full = crop.width / size
-            expected = size / self.unet.config["crop_to_disc_diameter"]
-            off_centre = np.hypot(refined.x - size / 2, refined.y - size / 2) / expected
-            if abs(refined.diameter / expected - 1) < 0.1 and off_centre < 0.1:
-                break
-            x, y = x - crop.width / 2 + refined.x * to_full, y - crop.height / 2 + refined.y * to_full
-            diameter = refined.diameter * to_full
-        return found, diameter
+        return measured
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        _, lesion_masks, _ = self.locator.session_masks(session, inputs.image_id, self.name)  # segment_lesions' own, when it ran
-        masks, diameter = self.disc_masks(session.image(inputs.image_id), lesion_masks["OD"])
+        return self.run_batch([(inputs, session)])[0]
+
+    def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
+        """One lesion-Unet forward for the photographs not yet segmented (segment_lesions' own masks when it ran), then the disc/cup rounds."""
+        located = self.locator.session_masks_batch([(session, inputs.image_id) for inputs, session in calls], self.name)
+        measured = self.disc_masks_batch([session.image(inputs.image_id) for inputs, session in calls], [masks["OD"] for _, masks, _ in located])
+        return [self._result(inputs.image_id, masks, diameter) for (inputs, _), (masks, diameter) in zip(calls, measured)]
+
+    def _result(self, image_id: str, masks: dict[str, np.ndarray], diameter: float) -> ToolResult:
         cdr = vertical_cdr(masks["disc"], masks["cup"])
         if cdr is None:
             raise ToolError(f"{self.name}: the disc outline could not be traced in the crop around the disc")
         coarse = diameter < MIN_DISC_PIXELS
         findings = {
-            "image_id": inputs.image_id,
+            "image_id": image_id,
             "vertical_cdr": {"value": round(cdr, 2), "unit": "ratio"},
             "cup_area_ratio": {"value": round(float(masks["cup"].sum()) / max(int(masks["disc"].sum()), 1), 2), "unit": "ratio"},
             "disc_diameter": {"value": round(diameter), "unit": "pixels in the photograph"},
             "reliable": not coarse,
         }
-        summary = f"Vertical cup-to-disc ratio of {inputs.image_id}: {cdr:.2f}"
+        summary = f"Vertical cup-to-disc ratio of {image_id}: {cdr:.2f}"
         summary += f" (at or above {CDR_REFERRAL}, a common glaucoma-suspect threshold)." if cdr >= CDR_REFERRAL else f" (below {CDR_REFERRAL})."
         if coarse:
             summary += f" The disc is only {diameter:.0f} pixels wide in this photograph, so the ratio is unreliable."
@@ -132,14 +151,21 @@ class MeasureVessels(Tool):
     def setup(self) -> None:
         self.unet = _Unet(VESSEL_FILE, self.weights_dir, self.device)
 
-    def vessel_mask(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    def vessel_masks(self, images: list[Image.Image]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(vessel mask, field of view) for each photograph, from one Unet forward."""
         size = self.unet.config["image_size"]
-        square = fundus_square(image, size)
-        field = fov_mask(square)
-        return self.unet.masks([square])[0]["vessel"] & field, field
+        squares = [fundus_square(image, size) for image in images]
+        return [(found["vessel"] & field, field) for found, field in zip(self.unet.masks(squares), map(fov_mask, squares))]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        vessels, field = self.vessel_mask(gradable_image(session, inputs.image_id, self.name))
+        return self.run_batch([(inputs, session)])[0]
+
+    def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
+        """One Unet forward for the batch; every photograph passes the quality gate before it, so a rejected one raises first."""
+        images = [gradable_image(session, inputs.image_id, self.name) for inputs, session in calls]
+        return [self._result(inputs.image_id, *found) for (inputs, _), found in zip(calls, self.vessel_masks(images))]
+
+    def _result(self, image_id: str, vessels: np.ndarray, field: np.ndarray) -> ToolResult:
         density = 100.0 * float(vessels.sum()) / max(int(field.sum()), 1)
-        findings = {"image_id": inputs.image_id, "vessel_density": {"value": round(density, 2), "unit": "% of field of view"}}
-        return ToolResult(summary=f"Retinal vessel density of {inputs.image_id}: {density:.2f}% of the field of view.", findings=findings)
+        findings = {"image_id": image_id, "vessel_density": {"value": round(density, 2), "unit": "% of field of view"}}
+        return ToolResult(summary=f"Retinal vessel density of {image_id}: {density:.2f}% of the field of view.", findings=findings)

@@ -28,6 +28,8 @@ SEGMENTER_FILE = "fundus_lesions.safetensors"
 LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates (cotton-wool spots)"}
 OVERLAY_COLOURS = {"MA": (255, 255, 255), "HE": (255, 0, 0), "EX": (0, 120, 255), "SE": (0, 255, 0), "OD": (255, 255, 0)}
 MIN_COMPONENT_PIXELS = 3  # at 512 px: smaller specks are noise, not a countable lesion
+LESION_MASKS = "lesion_masks"  # the session memo of `masks_batch`, by photograph
+Masks = tuple[Image.Image, dict[str, np.ndarray], np.ndarray]  # fundus square, class masks, field of view
 
 
 def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
@@ -74,23 +76,54 @@ class SegmentLesions(Tool):
         batch = torch.stack([to_tensor(im, size) for im in squares]).to(self.device)
         return self.model(batch).float().sigmoid().cpu().numpy()
 
-    def masks(self, image: Image.Image) -> tuple[Image.Image, dict[str, np.ndarray], np.ndarray]:
+    def masks_batch(self, images: list[Image.Image]) -> list[Masks]:
+        """(fundus square, class masks, field of view) for each photograph, from one Unet forward."""
         size = self.config["image_size"]
-        square = fundus_square(image, size)
-        probs = self.probabilities([square])[0]
-        field = fov_mask(square)
-        masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
-        for code in LESION_NAMES:  # specks are noise: counts, areas and distances all ignore them
-            masks[code] = _without_specks(masks[code])
-        return square, masks, field
+        squares = [fundus_square(image, size) for image in images]
+        found = []
+        for square, probs in zip(squares, self.probabilities(squares)):
+            field = fov_mask(square)
+            masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
+            for code in LESION_NAMES:  # specks are noise: counts, areas and distances all ignore them
+                masks[code] = _without_specks(masks[code])
+            found.append((square, masks, field))
+        return found
 
-    def session_masks(self, session: Session, image_id: str, caller: str) -> tuple[Image.Image, dict[str, np.ndarray], np.ndarray]:
-        """`masks` of a session photograph, computed once per photograph (measure_optic_disc starts from them too)."""
-        image = gradable_image(session, image_id, caller)
-        return session.derive("lesion_masks", image_id, lambda: self.masks(image))
+    def session_masks_batch(self, photos: list[tuple[Session, str]], caller: str) -> list[Masks]:
+        """`masks_batch` of session photographs, computed once per photograph (measure_optic_disc starts from them too).
+
+        The photographs not yet memoised in their session go through one forward together.
+        Every photograph passes the quality gate first, so a rejected one raises its
+        ToolError before any network work (the tool server then reruns the calls one by one).
+        """
+        images = [gradable_image(session, image_id, caller) for session, image_id in photos]
+        pending = {}  # the same photograph twice in a batch is segmented once
+        for (session, image_id), image in zip(photos, images):
+            if (LESION_MASKS, image_id) not in session.derived:
+                pending[(id(session), image_id)] = image
+        computed: dict = {}
+
+        def all_pending() -> dict:  # the first photograph to need its masks computes every pending one
+            if not computed:
+                computed.update(zip(pending, self.masks_batch(list(pending.values()))))
+            return computed
+
+        def compute(session: Session, image_id: str, image: Image.Image):
+            key = (id(session), image_id)
+            return all_pending()[key] if key in pending else self.masks_batch([image])[0]  # (a memo cleared meanwhile)
+
+        return [session.derive(LESION_MASKS, image_id, lambda s=session, i=image_id, im=image: compute(s, i, im))
+                for (session, image_id), image in zip(photos, images)]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
-        square, masks, field = self.session_masks(session, inputs.image_id, self.name)
+        return self.run_batch([(inputs, session)])[0]
+
+    def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
+        """One Unet forward for the batch's photographs, then each is measured on its own."""
+        found = self.session_masks_batch([(session, inputs.image_id) for inputs, session in calls], self.name)
+        return [self._result(inputs.image_id, *masks) for (inputs, _), masks in zip(calls, found)]
+
+    def _result(self, image_id: str, square: Image.Image, masks: dict[str, np.ndarray], field: np.ndarray) -> ToolResult:
         field_pixels = max(int(field.sum()), 1)
         side = square.width
         disc = find_disc(masks["OD"])
@@ -109,7 +142,7 @@ class SegmentLesions(Tool):
                 part += f", nearest {distance:.2f} disc diameters from the fovea"
             lesions[code] = finding
             parts.append(part + ")")
-        findings = {"image_id": inputs.image_id, "lesions": lesions}
+        findings = {"image_id": image_id, "lesions": lesions}
         if disc:
             findings["optic_disc"] = {"detected": True, "center": {"x": round(disc.x / side, 3), "y": round(disc.y / side, 3), "unit": "fraction of image width"},
                                       "area": {"value": round(100.0 * disc.area / field_pixels, 3), "unit": "% of field of view"},
@@ -124,7 +157,7 @@ class SegmentLesions(Tool):
             involved = exudate is not None and exudate <= MACULA_RADIUS_DD
             findings["macular_exudates"] = {"value": involved, "unit": f"hard exudates within {MACULA_RADIUS_DD:g} disc diameter of the fovea"}
             parts.append("hard exudates within 1 disc diameter of the fovea (macula involved)" if involved else "no hard exudates within 1 disc diameter of the fovea")
-        overlay_id = f"overlay-{inputs.image_id}"
+        overlay_id = f"overlay-{image_id}"
         findings["overlay"] = overlay_id
-        summary = f"Lesions in {inputs.image_id}: " + "; ".join(parts) + f". Overlay saved as {overlay_id}."
+        summary = f"Lesions in {image_id}: " + "; ".join(parts) + f". Overlay saved as {overlay_id}."
         return ToolResult(summary=summary, findings=findings, artifacts={overlay_id: overlay_png(square, masks)})
