@@ -50,6 +50,18 @@ class ToolNameConstraint:
         return scores
 
 
+class NoToolCall:
+    """Forbid starting a tool call: for an answer-only step (no tools offered, or the call was a repeat)."""
+
+    def __init__(self, tokenizer):
+        pieces = _vocabulary_pieces(tokenizer)
+        self.banned = [i for i, piece in enumerate(pieces) if piece.strip() and "<tool_call>".startswith(piece.strip())]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.banned] = float("-inf")
+        return scores
+
+
 class GeneratedRepetitionPenalty:
     """transformers' repetition penalty, over the generated tokens only."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Any, Iterator
 
 import torch
@@ -48,10 +49,15 @@ RETRY_PROMPT = ("Your last reply had a tool call that could not be used ({errors
                 "Reply again: either valid calls to the listed tools, or your answer.")
 
 
+def _last_human(messages: list[BaseMessage]) -> int:
+    return max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+
+
 def _message_from_text(text: str, tools: list[dict] | None) -> AIMessage:
     allowed = {t["function"]["name"] for t in tools} if tools else set()
     parsed = parse_reply(text, allowed)
-    invalid = [{"name": None, "args": None, "id": None, "error": e, "type": "invalid_tool_call"} for e in parsed.errors]
+    # Invalid calls carry ids: the agent answers each with an error message the model can read.
+    invalid = [{"name": None, "args": None, "id": f"call_{uuid.uuid4().hex[:12]}", "error": e, "type": "invalid_tool_call"} for e in parsed.errors]
     metadata = {"repairs": parsed.repairs} if parsed.repairs else {}
     return AIMessage(content=parsed.content, tool_calls=parsed.tool_calls, invalid_tool_calls=invalid, response_metadata=metadata)
 
@@ -96,26 +102,35 @@ class LocalChatModel(BaseChatModel):
         # generate() returns only new tokens when it was given embeddings instead of ids.
         return inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
 
-    def _generate_kwargs(self, inputs, tools: list[dict] | None) -> dict:
+    def _generate_kwargs(self, inputs, tools: list[dict] | None, answer_only: bool = False) -> dict:
         from transformers import LogitsProcessorList
 
-        from ophglm.agent.constrained import GeneratedRepetitionPenalty, ToolNameConstraint
+        from ophglm.agent.constrained import GeneratedRepetitionPenalty, NoToolCall, ToolNameConstraint
 
         processors = [GeneratedRepetitionPenalty(REPETITION_PENALTY, self._prompt_length(inputs))]
-        if tools:
+        if tools and not answer_only:
             processors.append(ToolNameConstraint(self.tokenizer, {t["function"]["name"] for t in tools}, self._prompt_length(inputs)))
+        else:  # no tool is offered: a call could only be refused
+            processors.append(NoToolCall(self.tokenizer))
         return dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList(processors),
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 
-    def _complete(self, messages, tools) -> str:
+    def _complete(self, messages, tools, answer_only: bool = False) -> str:
         inputs = self._inputs(messages, tools)
         with torch.inference_mode():
-            output = self.model.generate(**self._generate_kwargs(inputs, tools))
+            output = self.model.generate(**self._generate_kwargs(inputs, tools, answer_only))
         return self.tokenizer.decode(output[0, self._prompt_length(inputs):], skip_special_tokens=True)
 
     def _checked(self, messages, tools, text: str) -> AIMessage:
         """The parsed reply; a reply whose only calls are unusable is retried once with the errors shown to the model."""
         message = _message_from_text(text, tools)
+        # A small model imitates the gates' calls above it: a call to a tool that already ran this
+        # turn means "I have what I need" — the step is taken again as an answer.
+        ran = {m.name for m in messages[_last_human(messages) + 1:] if isinstance(m, ToolMessage)}
+        if message.tool_calls and all(c["name"] in ran for c in message.tool_calls):
+            answer = _message_from_text(self._complete(messages, tools, answer_only=True), None)
+            answer.response_metadata["repeated_call_dropped"] = ", ".join(c["name"] for c in message.tool_calls)
+            return answer
         if message.tool_calls or not message.invalid_tool_calls:
             return message
         errors = "; ".join(c["error"] for c in message.invalid_tool_calls)
@@ -155,8 +170,8 @@ class LocalChatModel(BaseChatModel):
                 yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
         worker.join()
         final = self._checked(messages, tools, text)
-        # What was held back, minus the call text (after a retry: the retry's prose).
-        tail = final.text if "retried" in final.response_metadata else TOOL_CALL.sub("", text)[shown:]
+        # What was held back, minus the call text (after a second try: its prose).
+        tail = final.text if {"retried", "repeated_call_dropped"} & set(final.response_metadata) else TOOL_CALL.sub("", text)[shown:]
         chunks = [{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"} for i, c in enumerate(final.tool_calls)]
         yield ChatGenerationChunk(message=AIMessageChunk(content=tail, tool_call_chunks=chunks, invalid_tool_calls=final.invalid_tool_calls,
                                                          response_metadata=final.response_metadata))
