@@ -145,3 +145,32 @@ def test_the_repetition_penalty_spares_the_prompt_the_answer_must_quote():
     scores = torch.tensor([[4.0, 4.0, -4.0, 4.0, 1.0]])
     out = penalty(torch.tensor([[0, 1, 2, 3, 2]]), scores.clone())  # prompt: 0 1 2; generated: 3 2
     assert out.tolist() == [[4.0, 4.0, -8.0, 2.0, 1.0]]  # 0 and 1 (prompt only) untouched; 3 and 2 (generated) penalised
+
+
+def test_a_call_to_a_tool_that_already_ran_is_taken_again_as_an_answer(monkeypatch):
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    asked = []
+
+    def complete(self, messages, tools, answer_only=False):
+        asked.append(answer_only)
+        return "The classifier gives glaucoma 0.81." if answer_only else '<tool_call>{"name": "classify_fundus", "arguments": {}}</tool_call>'
+
+    monkeypatch.setattr(LocalChatModel, "_complete", complete)
+    call = {"name": "classify_fundus", "args": {"image_id": "img-1"}, "id": "gate_1", "type": "tool_call"}
+    history = [HumanMessage("Is this glaucoma?"), AIMessage("", tool_calls=[call]),
+               ToolMessage("glaucoma 0.81", tool_call_id="gate_1", name="classify_fundus")]
+    message = LocalChatModel(model=None, tokenizer=None).invoke(history, tools=TOOLS)
+    assert asked == [False, True] and message.tool_calls == [] and message.text == "The classifier gives glaucoma 0.81."
+    assert message.response_metadata["repeated_call_dropped"] == "classify_fundus"
+    asked.clear()
+    fresh = LocalChatModel(model=None, tokenizer=None).invoke([HumanMessage("Is this glaucoma?")], tools=TOOLS)
+    assert asked == [False] and [c["name"] for c in fresh.tool_calls] == ["classify_fundus"]  # a first call stands
+
+
+def test_no_tool_call_bans_only_the_start_of_a_tool_call(tokenizer):
+    from ophglm.agent.constrained import NoToolCall
+
+    banned = NoToolCall(tokenizer).banned
+    assert tokenizer("<", add_special_tokens=False)["input_ids"][0] in banned
+    assert tokenizer("The", add_special_tokens=False)["input_ids"][0] not in banned

@@ -93,4 +93,4 @@ def test_ask_about_a_photograph_with_the_packaged_llm(chroma_env, demo_fundus_pa
     assert all(c["args"].get("image_id", "").startswith("img-") for c in out["tool_calls"][:4])
     assert all(c["text"] for c in out["citations"])
     assert out["timings"]["turn_s"] >= out["timings"]["llm_s"] > 0 and out["timings"]["llm_calls"] >= 1
-    assert all(c["seconds"] > 0 for c in out["tool_calls"])
+    assert all(c["seconds"] >= 0 for c in out["tool_calls"]) and sum(c["seconds"] for c in out["tool_calls"]) > 0
