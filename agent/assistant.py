@@ -3,9 +3,10 @@
 Deterministic gates act before the LLM must decide (STACK.md: a small model's weakest
 skill is choosing the next tool): a turn that brings a photograph first runs the quality
 gate (a rejected image ends the turn with a refusal and its reason, no LLM and no
-diagnosis), then the classifier, the lesion segmenter and the disc measurement; every turn
-retrieves knowledge before the LLM writes. The LLM
-may call further tools itself. Its answer is then checked against this turn's tool results
+diagnosis), then the classifier, the lesion segmenter and the disc measurement, then the
+triage rule table as a tool (so the LLM reads the level it explains); every turn retrieves
+knowledge before the LLM writes, and an off-topic text question (nothing retrieved, no
+photograph in the conversation) is refused without the LLM. The LLM may call further tools itself. Its answer is then checked against this turn's tool results
 (grounding.py), the triage level comes from the rule table (triage.py), and the reply
 carries findings, citations, the overlay and the disclaimer.
 """
