@@ -95,7 +95,7 @@ def triage_sentence(found: dict) -> str:
 
 def answer(intent: str, messages: list[BaseMessage], subject: str | None = None) -> str:
     """The target answer for one intent, from the tool results the prompt holds."""
-    human, turn = _this_turn(messages)
+    _, turn = _this_turn(messages)
     quality = _latest(messages, "assess_quality")
     if quality and not (quality.get("is_fundus") and quality.get("gradable")) and intent != "knowledge":
         return ("I could not assess the last image: the quality check found it is not a gradable colour fundus photograph, "
@@ -133,7 +133,7 @@ def answer(intent: str, messages: list[BaseMessage], subject: str | None = None)
 
 def needed_call(intent: str, messages: list[BaseMessage], tool_names: set[str]) -> dict | None:
     """The tool the question needs that the gates did not run (the LLM's own decision)."""
-    human, turn = _this_turn(messages)
+    _, turn = _this_turn(messages)
     done = {m.name for m in turn if isinstance(m, ToolMessage)}
     if intent == "vessels" and "measure_vessels" in tool_names and "measure_vessels" not in done:
         image_ids = re.findall(r"image_id=(img-[0-9a-f]+)", "\n".join(m.text for m in messages if isinstance(m, HumanMessage)))
