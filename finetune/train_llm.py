@@ -33,6 +33,7 @@ class LlmTrainConfig:
     data: str = "instructions"   # the folder `ophglm data build` wrote
     model: str = "smollm2"       # a packaged model name or a local transformers folder
     out: str = ""                # adapter folder; default agent/weights/<model>-lora
+    init: str = ""               # continue from this adapter folder (e.g. the shipped one) instead of a fresh LoRA
     minutes: float = 40.0
     epochs: float = 1.0
     max_steps: int = 0           # optimizer steps; 0 = as many as epochs/minutes allow
@@ -157,6 +158,8 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     order = [i for _ in range(math.ceil(cfg.epochs) + 1) for i in random.sample(range(len(train)), len(train))]
     step, seen, spent = 0, 0, 0.0
+    if cfg.init:  # more epochs for a finished adapter: its weights, a fresh optimizer and schedule
+        set_peft_model_state_dict(model, {k: v.float() for k, v in load_file(str(Path(cfg.init) / "adapter_model.safetensors")).items()})
     if (checkpoint / "state.pt").is_file():  # resume where an interrupted run stopped
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         set_peft_model_state_dict(model, {k: v.float() for k, v in load_file(str(checkpoint / "adapter_model.safetensors")).items()})
@@ -221,6 +224,7 @@ def add_train_llm_parser(train_subparsers) -> None:
     p.add_argument("--data", help="instruction data folder (default ./instructions)")
     p.add_argument("--model", help="smollm2 (packaged) or a local transformers folder (GLM-4, Qwen, ... on CUDA)")
     p.add_argument("--out", help="adapter folder (default agent/weights/<model>-lora)")
+    p.add_argument("--init", help="continue training this adapter folder (same rank)")
     p.add_argument("--minutes", type=float)
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", type=int)
