@@ -92,8 +92,9 @@ def _batch(rows, tokens: torch.Tensor, model, tokenizer):
     embed = model.get_input_embeddings()
     sequences, labels = [], []
     for row, soft in zip(rows, tokens):
-        prompt = fused_embeddings(_chat_text(tokenizer, row["question"], None), tokenizer, embed, lambda _: soft)[0]
-        answer_text = _chat_text(tokenizer, row["question"], row["answer"])[len(_chat_text(tokenizer, row["question"], None)):]
+        prompt_text = _chat_text(tokenizer, row["question"], None)
+        prompt = fused_embeddings(prompt_text, tokenizer, embed, lambda _: soft)[0]
+        answer_text = _chat_text(tokenizer, row["question"], row["answer"])[len(prompt_text):]
         answer_ids = tokenizer(answer_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         sequences.append(torch.cat([prompt, embed(answer_ids)]))
         labels.append(torch.cat([torch.full((len(prompt),), -100), answer_ids]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,8 +205,6 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
                           "own steps only; gate-made tool calls are context.",
                      recipe={k: v for k, v in asdict(cfg).items() if k not in ("data", "out")}, report=report,
                      command=f"ophglm data build --data ../shared/data --out {cfg.data}\nophglm train llm --data {cfg.data} --model {cfg.model} --minutes {cfg.minutes:g}")
-    import shutil
-
     shutil.rmtree(checkpoint, ignore_errors=True)
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
