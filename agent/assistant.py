@@ -14,6 +14,7 @@ carries findings, citations, the overlay and the disclaimer.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import time
 import uuid
@@ -52,6 +53,7 @@ OUT_OF_SCOPE = ("I can only help with questions about the eyes and with colour f
 log = logging.getLogger(__name__)
 EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
 TRIAGE = "triage_findings"
+NOT_A_DIAGNOSIS = "not a diagnosis"
 MAX_MODEL_CALLS = 3  # the LLM's own steps per turn: then it must answer without tools
 GATE_CALL = "gate_"  # id prefix of the calls the gates make (they are not the LLM's steps)
 
@@ -281,7 +283,7 @@ class Assistant:
         reply = Reply(answer="")
         # A follow-up may quote an earlier turn's results: every tool result of the session is evidence.
         evidence = [m.text for m in history if isinstance(m, ToolMessage) and "error" not in (m.artifact or {})]
-        retrieved_ids = {c["id"] for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
+        passages = {c["id"]: c.get("text", "") for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
@@ -303,7 +305,7 @@ class Assistant:
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
         probabilities = {c: p["value"] for c, p in self.session.findings.get("classify_fundus", {}).get("probabilities", {}).items()}
-        grounded = check_answer(final.text if final else "", evidence, retrieved_ids, probabilities)
+        grounded = check_answer(final.text if final else "", evidence, passages, probabilities)
         reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:
@@ -313,6 +315,14 @@ class Assistant:
         if not reply.citations and "search_knowledge" in reply.findings and OUT_OF_SCOPE not in reply.answer:
             reply.answer += " The knowledge base does not cover this question."
         reply.triage = triage(self.session.findings)
+        if any(name in reply.findings for name in EXAMINE):
+            # An answer about a photograph is read on its own (an API client may show only this field):
+            # it carries the rule table's urgency and the disclaimer even where the LLM left them out.
+            stated = re.search(rf"urgen\w*\W+(?:is\W+)?{reply.triage.level}\b", reply.answer.lower()) if reply.triage else True
+            if not stated:
+                reply.answer += f" Urgency: {reply.triage.level} — {reply.triage.reason}."
+            if NOT_A_DIAGNOSIS not in reply.answer.lower():
+                reply.answer += " This is not a diagnosis: have an eye-care professional review the photograph."
         if refusal := rejected_image(turn) or out_of_scope(history, turn):
             reply.refused, reply.refusal_reason, reply.triage = True, refusal, None
         return reply

@@ -40,9 +40,13 @@ class ImageEncoder:
     def __init__(self, weights_dir: str = "", device: str = "cpu"):
         from ophglm.tools.classify_fundus import ClassifyFundus
 
+        from ophglm.tools.classify_fundus import CLASSIFIER_FILE
+        from ophglm.tools.vision import weights_fingerprint, weights_path
+
         self.tool = ClassifyFundus(weights_dir, device)
         self.tool.ensure_setup()
         self.feature_dim = self.tool.model.num_features
+        self.fingerprint = weights_fingerprint(weights_path(CLASSIFIER_FILE, weights_dir))
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
@@ -99,6 +103,11 @@ def load_fusion(path: Path, weights_dir: str = "", device: str = "cpu") -> Fusio
 
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["config"])
+    encoder = ImageEncoder(weights_dir, device)
+    if config.get("image_encoder_sha256", encoder.fingerprint) != encoder.fingerprint:
+        # Features from other classifier weights are another language to the projector.
+        raise ValueError(f"{path} was trained on the features of other classifier weights "
+                         f"({config['image_encoder_sha256']}, these are {encoder.fingerprint}): retrain it with `ophglm train fusion`")
     projector = FusionProjector(config["feature_dim"], config["embed_dim"], config["tokens"], config["hidden"])
     projector.load_state_dict(load_file(str(path)))
-    return Fusion(projector.to(device).eval(), ImageEncoder(weights_dir, device), config)
+    return Fusion(projector.to(device).eval(), encoder, config)

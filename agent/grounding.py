@@ -6,7 +6,9 @@ citation must name a passage that was retrieved; a sentence that fails is remove
 reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
 "the eye is healthy") must agree with the classifier: naming a disease it gives less than
 0.5, or denying one it gives 0.5 or more, removes the sentence. General statements about
-a disease ("glaucoma damages the optic nerve") are knowledge, checked by their citations.
+a disease ("glaucoma damages the optic nerve") are knowledge: a retrieved passage must
+discuss that disease; the sentence keeps its own citation of one, or gets one added, so the
+reader can trace it. A disease named by neither the classifier nor any passage is removed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def supported_numbers(evidence: list[str]) -> set[str]:
     return found
 
 
+def named_diseases(sentence: str) -> list[str]:
+    """The classes a sentence names (lower-cased matching on whole words)."""
+    text = sentence.lower()
+    return [d for d, names in DISEASE_NAMES.items() if any(re.search(rf"\b{re.escape(n)}\b", text) for n in names)]
+
+
 def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[str]:
     """Claims about the photograph that the classifier's probabilities contradict."""
     text = sentence.lower()
@@ -64,8 +72,8 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
         return []
     denied = bool(DENIAL.search(text))
     problems = []
-    for disease, names in DISEASE_NAMES.items():
-        if disease not in probabilities or not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
+    for disease in named_diseases(text):
+        if disease not in probabilities:
             continue
         p = probabilities[disease]
         if disease == "normal" and not denied and p < SUPPORTED_PROBABILITY:
@@ -77,20 +85,59 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
     return problems
 
 
-def check_answer(answer: str, evidence: list[str], citation_ids: set[str], probabilities: dict[str, float] | None = None) -> GroundedAnswer:
-    """Drop sentences with numbers, citations or disease claims that no tool result supports."""
+def _discussed_by(disease: str, passages: dict[str, str]) -> list[str]:
+    return [pid for pid, text in passages.items() if any(n in text.lower() for n in DISEASE_NAMES[disease])]
+
+
+def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: dict[str, float]) -> tuple[str, list[str]]:
+    """(the sentence, with a citation added where it needs one; diseases nothing supports).
+
+    A tool finding needs no passage: a disease the classifier favours, one whose probability
+    the sentence quotes, or one the sentence denies of the photograph while the classifier
+    disfavours it. Any other disease must be discussed by a passage the sentence cites, or
+    by one that was retrieved (its citation is then added).
+    """
+    cited = [c for c in CITATION.findall(sentence) if c in passages]
+    denied_of_photo = bool(DENIAL.search(sentence.lower()) and ABOUT_THE_PHOTO.search(sentence.lower()))
+    unsupported, to_cite = [], []
+    for disease in named_diseases(sentence):
+        p = probabilities.get(disease)
+        if disease == "normal" or (p is not None and (f"{p:.2f}" in sentence or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)):
+            continue
+        discussing = _discussed_by(disease, passages)
+        if any(c in discussing for c in cited):
+            continue
+        if not discussing:
+            unsupported.append(disease.replace("_", " "))
+        elif discussing[0] not in to_cite:
+            to_cite.append(discussing[0])
+    if to_cite and not unsupported:
+        stripped = sentence.rstrip()
+        end = stripped[-1] if stripped[-1:] in ".!?" else ""
+        sentence = f"{stripped[: len(stripped) - len(end)]} {' '.join(f'[{c}]' for c in to_cite)}{end}"
+    return sentence, unsupported
+
+
+def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None) -> GroundedAnswer:
+    """Drop sentences with numbers, citations or disease claims that no tool result supports.
+
+    `passages` maps each retrieved passage's id to its text.
+    """
     allowed = supported_numbers(evidence)
+    probabilities = probabilities or {}
     kept, removed = [], []
     sentences = SENTENCE.split(answer.strip())
     if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?", ")", "]")):
         sentences.pop()  # cut off by the token limit: a half sentence can mislead
     for sentence in sentences:
         bad_numbers = [n for n in NUMBER.findall(sentence) if n not in allowed and f"{float(n):g}" not in allowed]
-        bad_citations = [c for c in CITATION.findall(sentence) if c not in citation_ids]
-        conflicts = _disease_conflicts(sentence, probabilities or {})
-        if bad_numbers or bad_citations or conflicts:
+        bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
+        conflicts = _disease_conflicts(sentence, probabilities)
+        sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
+        if bad_numbers or bad_citations or conflicts or unsupported:
             why = ", ".join([f"number {n} not in any tool result" for n in bad_numbers]
-                            + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts)
+                            + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts
+                            + [f"no tool result or retrieved passage discusses {d}" for d in unsupported])
             removed.append(f"{sentence.strip()} ({why})")
         elif sentence.strip():
             kept.append(sentence.strip())

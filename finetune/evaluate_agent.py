@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.agent.grounding import DISEASE_NAMES, NUMBER, SENTENCE, supported_numbers
+from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, supported_numbers
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -54,13 +54,16 @@ def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[in
             total += 1
             supported += number in allowed or f"{float(number):g}" in allowed
         lowered = sentence.lower()
+        denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
         for disease, names in DISEASE_NAMES.items():
             if disease == "normal" or not any(re.search(rf"\b{re.escape(n)}\b", lowered) for n in names):
                 continue
             total += 1
             p = probabilities.get(disease)
-            # Supported: the classifier favours it, the sentence quotes its probability, or a cited passage discusses it.
-            supported += (p is not None and (p >= 0.5 or f"{p:.2f}" in sentence)) or any(n in cited_text for n in names)
+            # Supported: the classifier agrees (favours it, or disfavours what the sentence denies of the
+            # photograph), the sentence quotes its probability, or a passage the answer cites discusses it.
+            agrees = p is not None and ((p >= 0.5) != denied_of_photo or f"{p:.2f}" in sentence)
+            supported += agrees or any(n in cited_text for n in names)
     return supported, total
 
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.settings import packaged_llm_weights
+from ophglm.settings import cpu_has_native_bf16, packaged_llm_weights
 from ophglm.agent.fusion import FUSION_FILE, FusionProjector, ImageEncoder, fused_embeddings, load_fusion, save_fusion
 
 PLACEHOLDER_ID = "img-000000000000"
@@ -126,7 +126,7 @@ def train_fusion(cfg: FusionConfig) -> dict:
         batch = random.sample(rows, min(cfg.batch, len(rows)))
         soft = projector(torch.stack([features[r["image"]] for r in batch]))
         embeds, mask, labels = _batch(batch, soft, model, tokenizer)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
             loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -139,7 +139,7 @@ def train_fusion(cfg: FusionConfig) -> dict:
     out = Path(cfg.out) if cfg.out else packaged_llm_weights() / FUSION_FILE
     config = {"feature_dim": encoder.feature_dim, "embed_dim": embed_dim, "tokens": cfg.tokens, "hidden": cfg.hidden,
               "llm_model": settings.llm_model, "llm_adapter": Path(settings.resolved_llm_adapter()).name if settings.resolved_llm_adapter() else "",
-              "image_encoder": encoder.tool.config["backbone"]}
+              "image_encoder": encoder.tool.config["backbone"], "image_encoder_sha256": encoder.fingerprint}
     save_fusion(projector, out, config)
     report = {"steps": step, "minutes": round((time.time() - start) / 60, 1), "train_rows": len(rows), "train_photos": len(photos),
               "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4), **config}

@@ -26,6 +26,41 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp())
 
 
+def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-class scale and bias for sigmoid outputs, minimising validation BCE (Platt scaling).
+
+    A temperature alone cannot undo the prior shift of class-balanced sampling (the network
+    sees each class equally often, the world does not); a bias per class can.
+    """
+    scale = torch.ones(logits.shape[1], requires_grad=True)
+    bias = torch.zeros(logits.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([scale, bias], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits * scale + bias, targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return scale.detach().tolist(), bias.detach().tolist()
+
+
+def classwise_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Mean over classes of the binary ECE of p(class) against "is this class" (multi-label outputs)."""
+    errors = []
+    for c in range(probs.shape[1]):
+        p, y = probs[:, c], labels == c
+        edges = np.linspace(0, 1, bins + 1)
+        ece = 0.0
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            inside = (p > lo) & (p <= hi) if lo > 0 else (p <= hi)
+            if inside.any():
+                ece += inside.mean() * abs(y[inside].mean() - p[inside].mean())
+        errors.append(ece)
+    return float(np.mean(errors))
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
     confidence = probs.max(axis=1)

@@ -1,7 +1,7 @@
 """`ophglm train llm`: LoRA fine-tuning of the chat model on the recorded conversations.
 
-STACK.md measured the recipe on this CPU: LoRA on every linear projection, bf16 autocast
-(2.2x faster than fp32), loss on the assistant's own steps only, including the end-of-turn
+STACK.md measured the recipe on a CPU with native bf16: LoRA on every linear projection, bf16 autocast
+(2.2x faster than fp32 there; CPUs without it stay fp32), loss on the assistant's own steps only, including the end-of-turn
 token (or it never learns to stop), at least an epoch. The gate-made tool calls are in the
 prompt but not in the loss: the model never has to produce them. The same code trains a
 larger model from a local folder on CUDA (GLM-4, Qwen) in bf16 with gradient
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ophglm.finetune.model_card import write_model_card
-from ophglm.settings import packaged_llm_weights
+from ophglm.settings import cpu_has_native_bf16, packaged_llm_weights
 
 CHECKPOINT_EVERY_S = 300
 
@@ -112,7 +112,8 @@ def _loss(model, example, device: str) -> torch.Tensor:
     """Next-token loss on the trained positions only: the vocabulary projection runs just there (49k x 576 per token)."""
     ids, labels = (torch.tensor(x, device=device) for x in example)
     base = model.get_base_model()
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+    kind = device.split(":")[0]
+    with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda" or cpu_has_native_bf16()):
         hidden = base.get_decoder()(input_ids=ids[None]).last_hidden_state[0, :-1]
         keep = labels[1:] != -100
         logits = base.get_output_embeddings()(hidden[keep])

@@ -27,6 +27,7 @@ from ophglm.finetune.datasets import (DISC_CUP_CLASSES, SEGMENTER_CLASSES, VALID
                                       disc_cup_records, lesion_records, split_of, vessel_records)
 from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
+from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fundus_box, load_weights, save_weights, square_crop
 
 
@@ -187,7 +188,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
             x, y = _batch(train_x, train_y, cfg, task, rng)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
                 logits = model(x).float()
             loss = _loss(logits, y)
             optimizer.zero_grad()

@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         if model == "classifier":
             t.add_argument("--backbone", help="efficientnet_lite0 | convnext_atto | convnext_nano | convnext_tiny")
             t.add_argument("--pretrained", help="imagenet (packaged Lite0), '' (scratch) or a checkpoint path")
+            t.add_argument("--image-size", type=int, help="input side in pixels (default 224; larger helps glaucoma, costs time)")
         else:
             t.add_argument("--encoder", help="tu-efficientnet_lite0 | tu-convnext_atto")
             t.add_argument("--init", help="continue training from this weights file")

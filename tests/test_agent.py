@@ -43,8 +43,7 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     assert reply.tool_calls[0].args == {"image_id": image_id}
     assert reply.findings["assess_quality"]["is_fundus"] and not reply.refused
     probs = reply.findings["classify_fundus"]["probabilities"]
-    assert abs(sum(p["value"] for p in probs.values()) - 1) < 0.01
-    assert all(p["unit"] == "probability" for p in probs.values())
+    assert all(p["unit"] == "probability" and 0 <= p["value"] <= 1 for p in probs.values())
     assert reply.findings["segment_lesions"]["lesions"]["HE"]["area"]["unit"] == "% of field of view"
     assert reply.artifacts and assistant.session.artifacts[reply.artifacts[0]].startswith(b"\x89PNG")
     # the invented cup-to-disc ratio is removed; the supported sentence with its citation stays
@@ -53,6 +52,9 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     assert f"[{reply.citations[0]['id']}]" in reply.answer
     assert reply.triage is not None and reply.triage.level in ("urgent", "soon", "routine", "none")
     assert reply.disclaimer == DISCLAIMER
+    # the model left out the urgency and the disclaimer: the answer about a photograph carries them anyway
+    assert reply.answer.endswith(f"Urgency: {reply.triage.level} — {reply.triage.reason}. "
+                                 "This is not a diagnosis: have an eye-care professional review the photograph.")
     # the model was bound to every tool and saw the tool results, not pixels or paths
     assert set(model.bound_tools) == set(tools) | {"triage_findings"}
     # the LLM read the rule table's level (it explains the urgency, it does not decide it)

@@ -138,6 +138,26 @@ def test_fusion_trains_saves_and_reaches_the_local_chat_model(tmp_path, monkeypa
     assert chat.invoke(message).content is not None  # generation from embeddings runs
 
 
+def test_a_projector_trained_on_other_classifier_weights_is_not_used(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ophglm.agent.fusion import FusionProjector, load_fusion, save_fusion
+    from ophglm.settings import load_settings
+
+    shipped = load_settings().resolved_fusion()
+    if not shipped:
+        pytest.skip("no shipped fusion projector fits the default model")
+    with safe_open(shipped, "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    projector = FusionProjector(config["feature_dim"], config["embed_dim"], config["tokens"], config["hidden"])
+    projector.load_state_dict(load_file(shipped))
+    stale = tmp_path / "stale.safetensors"
+    save_fusion(projector, stale, {**config, "image_encoder_sha256": "0" * 16})
+    with pytest.raises(ValueError, match="other classifier weights"):
+        load_fusion(stale)
+
+
 def test_the_repetition_penalty_spares_the_prompt_the_answer_must_quote():
     from ophglm.agent.constrained import GeneratedRepetitionPenalty
 

@@ -1,7 +1,10 @@
 """`classify_fundus`: calibrated disease probabilities for one colour fundus photograph.
 
 A timm classifier (the shipped weights' backbone and classes are in their metadata and
-model card) with a fitted temperature, so "0.82" means about 82% of such calls are right.
+model card). The shipped weights are multi-label: one calibrated sigmoid per class, so
+"glaucoma 0.82" means about 82% of such photographs have glaucoma, whatever else they
+have, and the probabilities need not sum to one. Weights with softmax outputs (a fitted
+temperature in their metadata) still load.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ class ClassifyFundus(Tool):
         """Batched path: calibrated probabilities per class for each PIL image."""
         size, classes = self.config["image_size"], self.config["classes"]
         batch = torch.stack([to_tensor(fundus_square(im, size), size) for im in images]).to(self.device)
-        probs = (self.model(batch).float() / self.config["temperature"]).softmax(dim=1).cpu()
+        logits = self.model(batch).float().cpu()
+        if self.config.get("outputs") == "sigmoid":
+            calibration = self.config["calibration"]
+            probs = torch.sigmoid(logits * torch.tensor(calibration["scale"]) + torch.tensor(calibration["bias"]))
+        else:
+            probs = (logits / self.config["temperature"]).softmax(dim=1)
         return [{c: float(p[i]) for i, c in enumerate(classes)} for p in probs]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:

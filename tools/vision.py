@@ -176,6 +176,18 @@ def weights_path(filename: str, weights_dir: str = "") -> Path:
 
 
 @lru_cache(maxsize=8)
+def weights_fingerprint(path: Path) -> str:
+    """Short content hash of a weights file: what a model trained on another's outputs records."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
 def load_weights(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model its metadata describes and load it, once per process."""
     from safetensors import safe_open
