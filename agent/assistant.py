@@ -14,8 +14,8 @@ carries findings, citations, the overlay and the disclaimer.
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor

@@ -94,6 +94,7 @@ def fused_embeddings(text: str, tokenizer, embed: nn.Module, soft_tokens: Callab
 def save_fusion(projector: FusionProjector, path: Path, config: dict) -> None:
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, str(path), metadata={"config": json.dumps(config)})
 
 

@@ -138,7 +138,7 @@ def test_fusion_trains_saves_and_reaches_the_local_chat_model(tmp_path, monkeypa
     assert chat.invoke(message).content is not None  # generation from embeddings runs
 
 
-def test_a_projector_trained_on_other_classifier_weights_is_not_used(tmp_path):
+def test_a_projector_trained_on_other_classifier_weights_is_not_used(tmp_path, monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -152,10 +152,20 @@ def test_a_projector_trained_on_other_classifier_weights_is_not_used(tmp_path):
         config = json.loads(f.metadata()["config"])
     projector = FusionProjector(config["feature_dim"], config["embed_dim"], config["tokens"], config["hidden"])
     projector.load_state_dict(load_file(shipped))
-    stale = tmp_path / "stale.safetensors"
+    stale = tmp_path / "not-yet-made" / "stale.safetensors"  # saving makes the folder
     save_fusion(projector, stale, {**config, "image_encoder_sha256": "0" * 16})
     with pytest.raises(ValueError, match="other classifier weights"):
         load_fusion(stale)
+    # "auto" passes over a shipped projector whose classifier fingerprint does not match, and takes a matching one
+    import ophglm.settings
+
+    adapter = load_settings().resolved_llm_adapter()
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setattr(ophglm.settings, "packaged_llm_weights", lambda: tmp_path / "shipped")
+    stale.rename(tmp_path / "shipped" / "fusion_projector.safetensors")
+    assert load_settings(llm_adapter=adapter).resolved_fusion() == ""
+    save_fusion(projector, tmp_path / "shipped" / "fusion_projector.safetensors", config)
+    assert load_settings(llm_adapter=adapter).resolved_fusion().endswith("fusion_projector.safetensors")
 
 
 def test_the_repetition_penalty_spares_the_prompt_the_answer_must_quote():
