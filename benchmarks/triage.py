@@ -5,8 +5,8 @@
 
 The triage level comes from the rule table over the vision tools' findings
 (agent/triage.py), so its accuracy is the tools' accuracy seen through the rules; this
-measures it without the LLM. Photographs: the validation split (no vision model trained on
-them), less the ones `benchmarks/agent_scenarios.jsonl` asks about, so the rule table can
+measures it without the LLM. Photographs: the validation split (no vision model was trained
+on them; the classifier's early stopping and calibration used them), less the ones `benchmarks/agent_scenarios.jsonl` asks about, so the rule table can
 be tuned here while the agent evaluation's triage figure stays a held-out check. Expected
 level by label as in finetune/scenarios.py: normal -> none, cataract -> routine, glaucoma and
 pathologic myopia -> soon; diabetic retinopathy photographs carry no grade, so they only

@@ -1,4 +1,4 @@
-"""The figures model cards report: AUROC, ECE, temperature scaling, AUPR and Dice.
+"""The figures model cards report: AUROC, ECE, Platt calibration, AUPR and Dice.
 
 One implementation for training-time validation and for `ophglm eval`, so a figure in a
 model card and a figure from an evaluation mean the same thing.
@@ -9,21 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The single temperature that minimises validation NLL (Guo et al., 2017)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.exp())
 
 
 def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], list[float]]:
