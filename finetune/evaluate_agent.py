@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, supported_numbers
+from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, supported_numbers
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -55,9 +55,10 @@ def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[in
             supported += number in allowed or f"{float(number):g}" in allowed
         lowered = sentence.lower()
         denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
-        for disease, names in DISEASE_NAMES.items():
-            if disease == "normal" or not any(re.search(rf"\b{re.escape(n)}\b", lowered) for n in names):
+        for disease in named_diseases(sentence):
+            if disease == "normal":
                 continue
+            names = DISEASE_NAMES[disease]
             total += 1
             p = probabilities.get(disease)
             # Supported: the classifier agrees (favours it, or disfavours what the sentence denies of the

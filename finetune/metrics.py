@@ -31,32 +31,25 @@ def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list[float],
     return scale.detach().tolist(), bias.detach().tolist()
 
 
+def _binned_gap(confidence: np.ndarray, outcome: np.ndarray, bins: int) -> float:
+    """Sum over equal-width confidence bins of |observed rate - mean confidence|, weighted by bin share."""
+    edges = np.linspace(0, 1, bins + 1)
+    gap = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi) if lo > 0 else (confidence <= hi)
+        if inside.any():
+            gap += inside.mean() * abs(outcome[inside].mean() - confidence[inside].mean())
+    return float(gap)
+
+
 def classwise_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """Mean over classes of the binary ECE of p(class) against "is this class" (multi-label outputs)."""
-    errors = []
-    for c in range(probs.shape[1]):
-        p, y = probs[:, c], labels == c
-        edges = np.linspace(0, 1, bins + 1)
-        ece = 0.0
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            inside = (p > lo) & (p <= hi) if lo > 0 else (p <= hi)
-            if inside.any():
-                ece += inside.mean() * abs(y[inside].mean() - p[inside].mean())
-        errors.append(ece)
-    return float(np.mean(errors))
+    return float(np.mean([_binned_gap(probs[:, c], labels == c, bins) for c in range(probs.shape[1])]))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(ece)
+    return _binned_gap(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
 
 
 def auroc_per_class(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
