@@ -4,7 +4,9 @@ Deterministic gates act before the LLM must decide (STACK.md: a small model's we
 skill is choosing the next tool): a turn that brings a photograph first runs the quality
 gate (a rejected image ends the turn with a refusal and its reason, no LLM and no
 diagnosis), then the classifier, the lesion segmenter and the disc measurement, then the
-triage rule table as a tool (so the LLM reads the level it explains); every turn retrieves
+triage rule table as a tool (so the LLM reads the level it explains); a question that asks
+for a finer measurement by name (the vessels) runs that tool on the conversation's latest
+examined photograph (the fine-tuned SmolLM2 never learnt to call it); every turn retrieves
 knowledge before the LLM writes, and an off-topic text question (nothing retrieved, no
 photograph in the conversation) is refused without the LLM. The LLM may call further tools itself. Its answer is then checked against this turn's tool results
 (grounding.py), the triage level comes from the rule table (triage.py), and the reply
@@ -56,6 +58,8 @@ TRIAGE = "triage_findings"
 NOT_A_DIAGNOSIS = "not a diagnosis"
 MAX_MODEL_CALLS = 3  # the LLM's own steps per turn: then it must answer without tools
 GATE_CALL = "gate_"  # id prefix of the calls the gates make (they are not the LLM's steps)
+# Finer tools a question asks for by name: what it must mention for the gates to run the tool.
+ASKED_FOR = {"measure_vessels": re.compile(r"\b(blood vessels?|vessels?|vascular\w*|vasculature|arteries|arterial|arterioles?|veins?|venous|venules?)\b", re.I)}
 
 
 def _call(name: str, args: dict) -> dict:
@@ -84,6 +88,14 @@ def out_of_scope(messages: list, turn: list) -> str:
     if searched and not photographed and not any(m.artifact["findings"].get("passages") for m in searched):
         return OUT_OF_SCOPE
     return ""
+
+
+def _examined_photo(messages: list) -> str | None:
+    """The latest photograph of the conversation, if the classifier examined it (it passed the quality gate)."""
+    latest = next((m.additional_kwargs["image_id"] for m in reversed(messages) if isinstance(m, HumanMessage) and m.additional_kwargs.get("image_id")), None)
+    examined = any(isinstance(m, ToolMessage) and m.name == "classify_fundus" and "error" not in (m.artifact or {})
+                   and (m.artifact or {}).get("findings", {}).get("image_id") == latest for m in messages)
+    return latest if examined else None
 
 
 def _this_turn(messages: list) -> tuple[HumanMessage | None, list]:
@@ -117,6 +129,10 @@ class ToolGates(AgentMiddleware):
                 return AIMessage(content="", tool_calls=calls)
         if image_id and TRIAGE in self.tool_names and TRIAGE not in done and "classify_fundus" in done:
             return AIMessage(content="", tool_calls=[_call(TRIAGE, {"image_id": image_id})])
+        question = human.additional_kwargs.get("question", human.text)
+        asked = [name for name, pattern in ASKED_FOR.items() if name in self.tool_names and name not in done and pattern.search(question)]
+        if asked and (photo := _examined_photo(request.messages)):
+            return AIMessage(content="", tool_calls=[_call(name, {"image_id": photo}) for name in asked])
         if "search_knowledge" in self.tool_names and "search_knowledge" not in done:
             return AIMessage(content="", tool_calls=[_call("search_knowledge", {"query": self._query(human, turn)})])
         if refusal := out_of_scope(request.messages, turn):

@@ -1,8 +1,10 @@
 """Check an answer against the session's tool results before anyone reads it.
 
 A small LLM invents numbers and citations. Every number in the answer must appear in a
-tool result of this conversation (as written, or rounded), and every `[doc#section]`
-citation must name a passage that was retrieved; a sentence that fails is removed, and the
+tool result of this conversation (as written, or rounded), as a figure of the quantity the
+answer's clause names: "vessel density is 5" needs a 5 in a clause about vessels, not
+another tool's 5 (a clause naming no quantity may quote any tool's number). Every
+`[doc#section]` citation must name a passage that was retrieved; a sentence that fails is removed, and the
 reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
 "the eye is healthy") must agree with the classifier: naming a disease it gives less than
 0.5, or denying one it gives 0.5 or more, removes the sentence. General statements about
@@ -32,6 +34,18 @@ DISEASE_NAMES = {
 ABOUT_THE_PHOTO = re.compile(r"\b(this|the|your) (eye|photo|photograph|picture|image|fundus|retina)\b|\b(shows?|consistent with|suggests?|appears?|looks?|there is|there are|there's)\b")
 DENIAL = re.compile(r"\b(no|not|without|unlikely|absent|rules? out)\b")
 SUPPORTED_PROBABILITY = 0.5
+# The quantities a number can be a figure of, and how a clause (of a tool result or of an answer) names them.
+QUANTITIES = {
+    "microaneurysms": r"micro-?aneurysms?",
+    "haemorrhages": r"ha?emorrhag\w*",
+    "hard exudates": r"hard exudates?|(?<!soft )exudates?",
+    "soft exudates": r"soft exudates?|cotton[- ]wool",
+    "cup-to-disc ratio": r"cup[- ]to[- ]disc|\bcdr\b",
+    "vessel density": r"\bvessels?\b|\bvascular",
+    "normal": r"\bnormal\b|\bhealthy\b|no referable disease",
+} | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
+QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
+CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
 
 
 @dataclass
@@ -51,12 +65,45 @@ def _variants(number: str) -> set[str]:
     return forms
 
 
-def supported_numbers(evidence: list[str]) -> set[str]:
-    found: set[str] = set()
+def quantities_named(text: str) -> set[str]:
+    lowered = text.lower()
+    return {q for q, pattern in QUANTITY_PATTERNS.items() if pattern.search(lowered)}
+
+
+@dataclass
+class EvidenceNumbers:
+    """Every number of the tool results (as they may be quoted), and those of each quantity."""
+    anywhere: set[str] = field(default_factory=set)
+    by_quantity: dict[str, set[str]] = field(default_factory=dict)
+
+
+def supported_numbers(evidence: list[str]) -> EvidenceNumbers:
+    found = EvidenceNumbers()
     for text in evidence:
-        for number in NUMBER.findall(text):
-            found |= _variants(number)
+        for sentence in SENTENCE.split(text):
+            sentence_quantities = quantities_named(sentence)
+            for clause in CLAUSE.split(sentence):
+                numbers = {form for number in NUMBER.findall(clause) for form in _variants(number)}
+                found.anywhere |= numbers
+                for quantity in quantities_named(clause) or sentence_quantities:
+                    found.by_quantity.setdefault(quantity, set()).update(numbers)
     return found
+
+
+def unsupported_numbers(sentence: str, numbers: EvidenceNumbers) -> list[str]:
+    """Why each number of an answer sentence that no tool result gives for its quantity is unsupported."""
+    problems, sentence_quantities = [], quantities_named(sentence)
+    for clause in CLAUSE.split(sentence):
+        quantities = quantities_named(clause) or sentence_quantities
+        allowed = set().union(*(numbers.by_quantity.get(q, set()) for q in quantities)) if quantities else numbers.anywhere
+        for number in NUMBER.findall(clause):
+            if number in allowed or f"{float(number):g}" in allowed:
+                continue
+            if quantities and (number in numbers.anywhere or f"{float(number):g}" in numbers.anywhere):
+                problems.append(f"number {number} is not a {' or '.join(sorted(quantities)).replace('_', ' ')} figure in any tool result")
+            else:
+                problems.append(f"number {number} not in any tool result")
+    return problems
 
 
 def named_diseases(sentence: str) -> list[str]:
@@ -130,12 +177,12 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?", ")", "]")):
         sentences.pop()  # cut off by the token limit: a half sentence can mislead
     for sentence in sentences:
-        bad_numbers = [n for n in NUMBER.findall(sentence) if n not in allowed and f"{float(n):g}" not in allowed]
+        bad_numbers = unsupported_numbers(sentence, allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
         conflicts = _disease_conflicts(sentence, probabilities)
         sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
         if bad_numbers or bad_citations or conflicts or unsupported:
-            why = ", ".join([f"number {n} not in any tool result" for n in bad_numbers]
+            why = ", ".join(bad_numbers
                             + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts
                             + [f"no tool result or retrieved passage discusses {d}" for d in unsupported])
             removed.append(f"{sentence.strip()} ({why})")

@@ -5,8 +5,8 @@ model and the real tools; `expect` is checked on the last turn's reply record (t
 record `ophglm ask --json` prints). Figures: tool-selection precision/recall/F1 (sets of tool
 names, micro-averaged), argument validity (share of tool calls whose arguments were
 accepted, unusable model calls counted as invalid), groundedness (share of the answer's
-numbers and disease names that this conversation's tool results or cited passages support),
-triage and refusal accuracy, fact recall (expected words found in the answer), and p50/p95
+numbers and disease names that this conversation's tool results or cited passages support; a
+number counts only as a figure of the quantity its clause names), triage and refusal accuracy, fact recall (expected words found in the answer), and p50/p95
 turn latency.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, supported_numbers
+from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, supported_numbers, unsupported_numbers
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -50,9 +50,9 @@ def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[in
     probabilities = {c: p["value"] for c, p in record["findings"].get("classify_fundus", {}).get("probabilities", {}).items()}
     supported = total = 0
     for sentence in SENTENCE.split(answer):
-        for number in NUMBER.findall(sentence):
-            total += 1
-            supported += number in allowed or f"{float(number):g}" in allowed
+        numbers = len(NUMBER.findall(sentence))
+        total += numbers
+        supported += numbers - len(unsupported_numbers(sentence, allowed))
         lowered = sentence.lower()
         denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
         for disease in named_diseases(sentence):

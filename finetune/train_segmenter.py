@@ -7,10 +7,18 @@ tiny classes such as microaneurysms from vanishing under the background), the be
 by validation mean AUPR within a time budget. A per-class threshold that maximises
 validation Dice is stored with the weights. Tasks differ only in data and scale, so they
 are rows of a table, not copies of the loop.
+
+IDRiD is one camera, and every one of its annotated photographs has lesions: a segmenter
+trained on it alone marks "lesions" on most healthy retinas from other cameras. The
+lesion task therefore also trains on normal photographs of every source (the classifier's
+training split) as lesion-free examples; their optic disc is unannotated, so the loss
+ignores that channel for them. Held-out normals join validation the same way, so the
+epoch chosen is also the one that marks least on healthy eyes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,11 +32,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from ophglm.finetune.datasets import (DISC_CUP_CLASSES, SEGMENTER_CLASSES, VALIDATION_PERCENT, VESSEL_CLASSES, MaskedImage,
-                                      disc_cup_records, lesion_records, split_of, vessel_records)
+                                      classification_records, disc_cup_records, lesion_records, split_of, vessel_records)
 from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
 from ophglm.settings import cpu_has_native_bf16
-from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fundus_box, load_weights, save_weights, square_crop
+from ophglm.tools.segment_lesions import without_specks
+from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fov_mask, fundus_box, fundus_square, load_weights, save_weights, square_crop
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class SegmentationTask:
     biased_channels: int  # half the crops centre on a foreground pixel of the first n channels
     crop_to_fundus: bool  # whole photographs are cropped to the aperture like at inference
     validation_percent: int
+    negative_channels: int  # normal photographs train the first n channels towards "absent" (0: no negatives)
     title: str
     description: str
     data_note: str
@@ -48,19 +58,21 @@ class SegmentationTask:
 
 TASKS = {
     "lesions": SegmentationTask(
-        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 512, 256, 4, False, VALIDATION_PERCENT,
+        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 512, 256, 4, False, VALIDATION_PERCENT, 4,
         "Fundus lesion and optic-disc segmenter",
         f"five sigmoid outputs ({', '.join(SEGMENTER_CLASSES)}: microaneurysms, haemorrhages, hard exudates, soft exudates, "
         "optic disc), used by the `segment_lesions` tool at 512 px on the fundus square",
-        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings)"),
+        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings), and as "
+        "lesion-free examples the normal photographs of the classifier's training split (classify_4class ODIR/EyePACS-style, "
+        "PALM, IDRiD normals; optic disc not annotated there, so its channel is left out of their loss)"),
     "disc_cup": SegmentationTask(
-        DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False, VALIDATION_PERCENT,
+        DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False, VALIDATION_PERCENT, 0,
         "Optic disc and cup segmenter",
         "two sigmoid outputs (disc including the cup, cup), used by the `measure_optic_disc` tool on a square crop centred "
         "on the disc that `segment_lesions` finds, scaled like a Drishti-GS crop; gives the vertical cup-to-disc ratio",
         "`../shared/data/drishti_gs` (Drishti-GS1, research use): 80 disc-centred crops with disc and cup masks"),
     "vessels": SegmentationTask(
-        VESSEL_CLASSES, vessel_records, "tools/weights/fundus_vessels.safetensors", 512, 256, 0, True, 25,
+        VESSEL_CLASSES, vessel_records, "tools/weights/fundus_vessels.safetensors", 512, 256, 0, True, 25, 0,
         "Retinal vessel segmenter",
         "one sigmoid output (vessel), used by the `measure_vessels` tool at 512 px on the fundus square; gives vessel "
         "density as % of the field of view",
@@ -78,6 +90,8 @@ class SegmenterConfig:
     init: str = ""  # continue from these weights (same task) instead of ImageNet: runs add up
     batch_size: int = 8
     lr: float = 2e-3
+    negative_share: float = 0.25  # of each batch, crops of normal photographs (tasks with negatives)
+    validation_normals: int = 40  # held-out normal photographs in validation
     minutes: float = 15.0
     threads: int = 2
     seed: int = 0
@@ -99,27 +113,55 @@ def _load(records: list[MaskedImage], task: SegmentationTask) -> tuple[np.ndarra
     return np.stack(images), np.stack(masks), np.stack(valid)
 
 
+def normal_photographs(root: Path, split: str, limit: int | None = None) -> list[Path]:
+    """Normal photographs of every source in the classifier's `split`; `limit` takes a fixed, source-mixed sample."""
+    records = [r for r in classification_records(root) if r.label == "normal" and split_of(r.group) == split]
+    records.sort(key=lambda r: hashlib.sha1(r.group.encode()).hexdigest())
+    return [r.path for r in records[:limit]]
+
+
+def _load_normals(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fundus squares at `size` px, exactly as `segment_lesions` sees them, and their apertures."""
+    squares = [fundus_square(Image.open(p).convert("RGB"), size) for p in tqdm(paths, desc="loading normals", unit="img")]
+    if not squares:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool)
+    return np.stack([np.asarray(s) for s in squares]), np.stack([fov_mask(s) for s in squares])
+
+
 def _normalise(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
-def _batch(images: np.ndarray, masks: np.ndarray, cfg: SegmenterConfig, task: SegmentationTask, rng: np.random.Generator):
-    """Random crops; for lesions half of them are centred on a lesion pixel (lesions are rare)."""
-    xs, ys = [], []
-    size, crop = images.shape[1], task.crop
+def _batch(images: np.ndarray, masks: np.ndarray, normals: np.ndarray, cfg: SegmenterConfig, task: SegmentationTask,
+           rng: np.random.Generator):
+    """Random crops and which channels each crop's target knows.
+
+    For lesions half of the annotated crops are centred on a lesion pixel (lesions are
+    rare); `negative_share` of the crops come from normal photographs, whose target is
+    "absent" on the first `negative_channels` channels and unknown on the rest.
+    """
+    xs, ys, known = [], [], []
+    size, crop, classes = images.shape[1], task.crop, masks.shape[1]
     for _ in range(cfg.batch_size):
-        i = rng.integers(len(images))
-        lesion = np.argwhere(masks[i, :task.biased_channels].any(0)) if task.biased_channels else []
-        if len(lesion) and rng.random() < 0.5:
-            cy, cx = lesion[rng.integers(len(lesion))]
-        else:
+        if len(normals) and rng.random() < cfg.negative_share:
+            source, y_full = normals[rng.integers(len(normals))], None
+            known.append(np.arange(classes) < task.negative_channels)
             cy, cx = rng.integers(crop // 2, size - crop // 2 + 1, 2)
+        else:
+            i = rng.integers(len(images))
+            source, y_full = images[i], masks[i]
+            known.append(np.ones(classes, bool))
+            lesion = np.argwhere(y_full[:task.biased_channels].any(0)) if task.biased_channels else []
+            if len(lesion) and rng.random() < 0.5:
+                cy, cx = lesion[rng.integers(len(lesion))]
+            else:
+                cy, cx = rng.integers(crop // 2, size - crop // 2 + 1, 2)
         top = int(np.clip(cy - crop // 2, 0, size - crop))
         left = int(np.clip(cx - crop // 2, 0, size - crop))
-        x = images[i, top:top + crop, left:left + crop].transpose(2, 0, 1)
-        y = masks[i, :, top:top + crop, left:left + crop]
+        x = source[top:top + crop, left:left + crop].transpose(2, 0, 1)
+        y = y_full[:, top:top + crop, left:left + crop] if y_full is not None else np.zeros((classes, crop, crop), bool)
         k = rng.integers(4)
         x, y = np.rot90(x, k, (1, 2)), np.rot90(y, k, (1, 2))
         if rng.random() < 0.5:
@@ -128,14 +170,16 @@ def _batch(images: np.ndarray, masks: np.ndarray, cfg: SegmenterConfig, task: Se
         ys.append(np.ascontiguousarray(y))
     x = _normalise(torch.from_numpy(np.stack(xs)))
     jitter = torch.from_numpy(rng.normal(1.0, 0.12, (len(xs), 3, 1, 1)).astype(np.float32))
-    return x * jitter, torch.from_numpy(np.stack(ys)).float()
+    return x * jitter, torch.from_numpy(np.stack(ys)).float(), torch.from_numpy(np.stack(known)).float()
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    probs = logits.sigmoid()
+def _loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over the (crop, channel) pairs whose target is known."""
+    weight = known[:, :, None, None].expand_as(target)
+    bce = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+    probs = logits.sigmoid() * weight
     inter = (probs * target).sum((0, 2, 3))
-    soft_dice = 1 - (2 * inter + 1) / (probs.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
+    soft_dice = 1 - (2 * inter + 1) / (probs.sum((0, 2, 3)) + (target * weight).sum((0, 2, 3)) + 1)
     return bce + soft_dice.mean()
 
 
@@ -145,15 +189,28 @@ def _predict(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate([model(_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy()))).sigmoid().numpy() for i in range(0, len(images), 2)])
 
 
-def _validate(probs: np.ndarray, masks: np.ndarray, valid: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
-    inside = np.broadcast_to(valid, probs[:, 0].shape)
-    return {c: aupr(probs[:, k][inside], masks[:, k][inside]) for k, c in enumerate(classes)}
+def _validate(probs: np.ndarray, masks: np.ndarray, valid: np.ndarray, known: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
+    """AUPR per class over the pixels inside the aperture of the photographs whose target for the class is known."""
+    return {c: aupr(probs[:, k][valid & known[:, k, None, None]], masks[:, k][valid & known[:, k, None, None]]) for k, c in enumerate(classes)}
+
+
+def _marks_on_normals(probs: np.ndarray, valid: np.ndarray, task: SegmentationTask, thresholds: dict[str, float]) -> dict:
+    """How much a healthy retina gets marked: the false positives that reach the triage table."""
+    marked = np.zeros(valid.shape, bool)
+    for i in range(len(probs)):  # as segment_lesions counts: inside the aperture, specks dropped
+        for k, c in enumerate(task.classes[:task.negative_channels]):
+            marked[i] |= without_specks((probs[i, k] > thresholds[c]) & valid[i])
+    pixels = marked.sum(axis=(1, 2))
+    return {"normals_marked_share": round(float((pixels > 0).mean()), 4),
+            "normals_marked_field_percent": round(float((100 * pixels / valid.sum(axis=(1, 2)).clip(min=1)).mean()), 4)}
 
 
 def train_segmenter(cfg: SegmenterConfig) -> dict:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown segmentation task {cfg.task!r}; choose from {', '.join(TASKS)}")
     task = TASKS[cfg.task]
+    if not 0 <= cfg.negative_share < 1:
+        raise ValueError(f"--negative-share must be at least 0 and below 1, not {cfg.negative_share}")
     out = Path(cfg.out or task.out)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -165,6 +222,17 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     val = [r for r in records if split_of(r.group, task.validation_percent) == "val"]
     train_x, train_y, _ = _load(train, task)
     val_x, val_y, val_valid = _load(val, task)
+    classes = len(task.classes)
+    val_known = np.ones((len(val), classes), bool)
+    train_normals = np.zeros((0, task.image_size, task.image_size, 3), np.uint8)
+    if task.negative_channels and cfg.negative_share:
+        train_normals, _ = _load_normals(normal_photographs(Path(cfg.data), "train"), task.image_size)
+    if task.negative_channels:
+        normals_x, normals_valid = _load_normals(normal_photographs(Path(cfg.data), "val", cfg.validation_normals), task.image_size)
+        val_x, val_valid = np.concatenate([val_x, normals_x]), np.concatenate([val_valid, normals_valid])
+        val_y = np.concatenate([val_y, np.zeros((len(normals_x), *val_y.shape[1:]), bool)])
+        val_known = np.concatenate([val_known, np.tile(np.arange(classes) < task.negative_channels, (len(normals_x), 1))])
+    annotated = np.arange(len(val_x)) < len(val)  # IDRiD-style validation photographs, comparable with earlier runs
 
     if cfg.init:
         model, init_config = load_weights(Path(cfg.init))
@@ -172,10 +240,11 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
             raise ValueError(f"{cfg.init} was trained for {init_config.get('classes')}, not {list(task.classes)}")
         model, cfg.encoder = model.train(), init_config["encoder"]
     else:
-        model = create_segmenter(cfg.encoder, len(task.classes), pretrained=cfg.encoder == "tu-efficientnet_lite0")
+        model = create_segmenter(cfg.encoder, classes, pretrained=cfg.encoder == "tu-efficientnet_lite0")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     budget, start = cfg.minutes * 60, time.monotonic()
-    steps_per_epoch = max(1, len(train) * (task.image_size // task.crop) ** 2 // cfg.batch_size)
+    annotated_share = 1 - cfg.negative_share if len(train_normals) else 1
+    steps_per_epoch = max(1, int(len(train) * (task.image_size // task.crop) ** 2 / cfg.batch_size / annotated_share))
     best, best_state, epoch, steps = -1.0, None, 0, 0
     while time.monotonic() - start < budget:
         epoch += 1
@@ -187,16 +256,16 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
-            x, y = _batch(train_x, train_y, cfg, task, rng)
+            x, y, known = _batch(train_x, train_y, train_normals, cfg, task, rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
                 logits = model(x).float()
-            loss = _loss(logits, y)
+            loss = _loss(logits, y, known)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             steps += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        scores = _validate(_predict(model, val_x), val_y, val_valid, task.classes)
+        scores = _validate(_predict(model, val_x), val_y, val_valid, val_known, task.classes)
         mean = float(np.nanmean(list(scores.values())))
         tqdm.write(f"epoch {epoch}: validation mean AUPR {mean:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         if mean > best:
@@ -206,18 +275,22 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     probs = _predict(model, val_x)
     thresholds, dices = {}, {}
     for k, c in enumerate(task.classes):
-        inside = np.broadcast_to(val_valid, probs[:, k].shape)
+        inside = val_valid & val_known[:, k, None, None]
         candidates = {t: dice((probs[:, k] > t)[inside], val_y[:, k][inside]) for t in np.arange(0.1, 0.95, 0.05)}
         t = max(candidates, key=lambda t: np.nan_to_num(candidates[t]))
         thresholds[c], dices[c] = round(float(t), 2), round(candidates[t], 4)
-    inside = np.broadcast_to(val_valid, probs[:, 0].shape)
+    inside = np.broadcast_to(val_valid[annotated], probs[annotated, 0].shape)
     report = {
         "task": cfg.task, "validation_images": len(val), "train_images": len(train), "epochs": epoch, "steps": steps,
         "best_epoch": best_epoch, "minutes": round((time.monotonic() - start) / 60, 1),
-        "aupr": {k: round(v, 4) for k, v in _validate(probs, val_y, val_valid, task.classes).items()},
-        "auroc": {c: round(pixel_auroc(probs[:, k][inside], val_y[:, k][inside]), 4) for k, c in enumerate(task.classes)},
+        "aupr": {k: round(v, 4) for k, v in _validate(probs[annotated], val_y[annotated], val_valid[annotated], val_known[annotated], task.classes).items()},
+        "auroc": {c: round(pixel_auroc(probs[annotated, k][inside], val_y[annotated, k][inside]), 4) for k, c in enumerate(task.classes)},
         "dice_at_threshold": dices, "thresholds": thresholds,
     }
+    if len(train_normals):
+        report |= {"train_normals": len(train_normals), "validation_normals": int((~annotated).sum()),
+                   "aupr_with_normals": {k: round(v, 4) for k, v in _validate(probs, val_y, val_valid, val_known, task.classes).items()},
+                   **_marks_on_normals(probs[~annotated], val_valid[~annotated], task, thresholds)}
     config = {"kind": "segmenter", "task": cfg.task, "encoder": cfg.encoder, "classes": list(task.classes),
               "image_size": task.image_size, "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
     if "disc" in task.classes:  # how tightly the training crops frame the disc: inference crops the same way
@@ -238,8 +311,8 @@ def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: Segmentation
         f"{task.data_note}. Validation: a fixed {task.validation_percent}% split of the photographs by hashed id.",
         {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": task.image_size, "crop": task.crop},
         report,
-        f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g}"
-        + (f" --init {cfg.init}" if cfg.init else ""),
+        f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g} --lr {cfg.lr:g}"
+        + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
         "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

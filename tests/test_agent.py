@@ -108,6 +108,24 @@ def test_follow_up_turn_keeps_the_session(settings, tools, demo_fundus_path):
     assert len(assistant.session.images) == 1
 
 
+def test_a_question_about_the_vessels_measures_them_on_the_examined_photograph(settings, tools, demo_fundus_path):
+    steps = [lambda m: _tool_text(m, "measure_vessels"), lambda m: _tool_text(m, "measure_vessels")]
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=steps), tools=tools)
+    first = assistant.ask("What is the vessel density in this photo?", image=demo_fundus_path)
+    assert [c.name for c in first.tool_calls][-2:] == ["measure_vessels", "search_knowledge"]
+    assert first.findings["measure_vessels"]["vessel_density"]["unit"] == "% of field of view"
+    assert f"{first.findings['measure_vessels']['vessel_density']['value']:.2f}%" in first.answer
+    follow_up = assistant.ask("And how dense are the blood vessels now?")
+    assert [c.name for c in follow_up.tool_calls] == ["measure_vessels", "search_knowledge"]
+    assert follow_up.tool_calls[0].args == {"image_id": first.findings["classify_fundus"]["image_id"]}
+
+
+def test_a_vessel_question_without_an_examined_photograph_runs_no_vessel_tool(settings, tools):
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=["Retinal vessels carry blood."]), tools=tools)
+    reply = assistant.ask("What do the retinal blood vessels carry?")
+    assert "measure_vessels" not in [c.name for c in reply.tool_calls]
+
+
 @pytest.mark.parametrize("kind", ["document", "oct_scan", "photograph"])
 def test_a_non_fundus_image_is_refused_before_any_diagnosis(settings, tools, kind):
     from ophglm.tools.non_fundus import non_fundus_images

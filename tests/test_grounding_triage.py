@@ -18,6 +18,34 @@ def test_invented_numbers_and_citations_are_removed_and_reported():
     assert "citation [glaucoma#treatment-and-prevention] was not retrieved" in result.removed[1]
 
 
+# Tool results as the tools write them (segment_lesions, measure_optic_disc, measure_vessels).
+SESSION_EVIDENCE = [
+    "Disease probabilities for img1: glaucoma (suspect optic disc) 0.62, no referable disease 0.20, cataract (hazy view) 0.05.",
+    "Lesions in img1: microaneurysms: 3 (0.10% of field, nearest 1.20 disc diameters from the fovea); haemorrhages: 0 (0.00% of field); "
+    "hard exudates: 2 (0.05% of field, nearest 0.80 disc diameters from the fovea); optic disc found; "
+    "hard exudates within 1 disc diameter of the fovea (macula involved). Overlay saved as overlay-img1.",
+    "Vertical cup-to-disc ratio of img1: 0.45 (below 0.7).",
+    "Retinal vessel density of img1: 11.30% of the field of view.",
+]
+
+
+def test_a_number_must_be_a_figure_of_the_quantity_its_clause_names():
+    kept = ("The classifier's most likely class is glaucoma, with a probability of 0.62. "
+            "The lesion segmenter found 3 microaneurysms and 2 hard exudates. Hard exudates lie within 1 disc diameter of the fovea. "
+            "The vertical cup-to-disc ratio is 0.45. The retinal vessel density is 11.3% of the field of view. "
+            "The classifier gives cataract a probability of 0.05; its most likely class is glaucoma (62%).")
+    result = check_answer(kept, SESSION_EVIDENCE, {}, {"glaucoma": 0.62, "normal": 0.2, "cataract": 0.05})
+    assert result.text == kept and not result.removed
+    for wrong, why in (("The vessel density is 3.", "number 3 is not a vessel density figure"),  # the microaneurysm count
+                       ("The cup-to-disc ratio is 0.62.", "number 0.62 is not a cup-to-disc ratio figure"),  # a probability
+                       ("There are 2 microaneurysms.", "number 2 is not a microaneurysms figure"),
+                       ("The vessel density is 7.5%.", "number 7.5 not in any tool result")):
+        result = check_answer(wrong, SESSION_EVIDENCE, {}, {"glaucoma": 0.62})
+        assert result.text == "" and why in result.removed[0], (wrong, result.removed)
+    # A clause that names no quantity may quote any tool's number.
+    assert check_answer("That is 0.45.", SESSION_EVIDENCE, {}).removed == []
+
+
 def test_a_sentence_cut_off_by_the_token_limit_is_dropped():
     passage = {"glaucoma#overview": "Glaucoma damages the optic nerve."}
     assert check_answer("Glaucoma damages the optic nerve [glaucoma#overview]. It is often", [], passage).text == "Glaucoma damages the optic nerve [glaucoma#overview]."

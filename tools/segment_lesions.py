@@ -45,7 +45,7 @@ def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _without_specks(mask: np.ndarray) -> np.ndarray:
+def without_specks(mask: np.ndarray) -> np.ndarray:
     labelled, count = ndimage.label(mask)
     if not count:
         return mask
@@ -85,7 +85,7 @@ class SegmentLesions(Tool):
             field = fov_mask(square)
             masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
             for code in LESION_NAMES:  # specks are noise: counts, areas and distances all ignore them
-                masks[code] = _without_specks(masks[code])
+                masks[code] = without_specks(masks[code])
             found.append((square, masks, field))
         return found
 

@@ -1,0 +1,60 @@
+"""The lesion segmenter trains on normal photographs as lesion-free examples, and says how much it marks on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ophglm.finetune.datasets import SEGMENTER_CLASSES, split_of
+from ophglm.finetune.train_segmenter import SegmenterConfig, _loss, normal_photographs, train_segmenter
+from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+from ophglm.tools.vision import load_weights
+
+
+def test_loss_ignores_the_channels_a_crop_does_not_know():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 5, 8, 8), torch.zeros(2, 5, 8, 8)
+    known = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0.0]])  # the second crop: a normal photograph, disc unannotated
+    base = _loss(logits, target, known)
+    disc_changed = logits.clone()
+    disc_changed[1, 4] += 5
+    assert torch.allclose(_loss(disc_changed, target, known), base)
+    lesion_changed = logits.clone()
+    lesion_changed[1, 0] += 5  # marking a lesion on a healthy retina costs
+    assert _loss(lesion_changed, target, known) > base
+
+
+def _names(prefix: str, split: str, count: int, group) -> list[str]:
+    names, n = [], 0
+    while len(names) < count:
+        n += 1
+        if split_of(group(f"{prefix}{n}")) == split:
+            names.append(f"{prefix}{n}")
+    return names
+
+
+def test_lesion_training_uses_normals_and_reports_marks_on_them(tmp_path):
+    root = tmp_path / "data"
+    (root / "idrid_512" / "images").mkdir(parents=True)
+    (root / "idrid_512" / "masks").mkdir()
+    (root / "classify_4class" / "normal").mkdir(parents=True)
+    stems = _names("IDRiD_", "train", 3, lambda s: f"idrid:{s}") + _names("IDRiD_", "val", 1, lambda s: f"idrid:{s}")
+    for seed, stem in enumerate(stems):
+        fundus = make_synthetic_fundus(512, seed=seed)
+        fundus.image.save(root / "idrid_512" / "images" / f"{stem}.jpg")
+        for c in SEGMENTER_CLASSES:
+            Image.fromarray(fundus.masks[c].astype(np.uint8) * 255).save(root / "idrid_512" / "masks" / f"{stem}_{c}.png")
+    normal_ids = _names("", "train", 3, lambda s: f"odir:{s}") + _names("", "val", 2, lambda s: f"odir:{s}")
+    for seed, number in enumerate(normal_ids, start=100):
+        make_synthetic_fundus(256, seed=seed, lesions=False).image.save(root / "classify_4class" / "normal" / f"{number}_left.jpg")
+    assert len(normal_photographs(root, "train")) == 3 and len(normal_photographs(root, "val", 1)) == 1
+
+    out = tmp_path / "lesions.safetensors"
+    report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.1, negative_share=0.5))
+    assert report["train_normals"] == 3 and report["validation_normals"] == 2 and report["validation_images"] == 1
+    assert 0.0 <= report["normals_marked_share"] <= 1.0 and report["normals_marked_field_percent"] >= 0.0
+    assert set(report["aupr_with_normals"]) == set(SEGMENTER_CLASSES)
+    model, config = load_weights(out)
+    assert config["recipe"]["negative_share"] == 0.5 and config["classes"] == list(SEGMENTER_CLASSES)
+    assert "--negative-share 0.5" in out.with_suffix(".md").read_text()
