@@ -19,8 +19,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
+from ophglm.agent.prompt_cache import PromptCache
 from ophglm.agent.toolcalls import TOOL_CALL, parse_reply, render_call, tools_prompt
 
 
@@ -72,6 +73,7 @@ class LocalChatModel(BaseChatModel):
     # (the Assistant sets image_source to its session's gradable images; None = no image tokens).
     fusion: Any = None
     image_source: Any = None
+    prompt_cache: PromptCache = Field(default_factory=PromptCache)
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @property
@@ -115,10 +117,20 @@ class LocalChatModel(BaseChatModel):
         return dict(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList(processors),
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 
+    def _generate_tokens(self, inputs, tools: list[dict] | None, answer_only: bool = False, streamer=None):
+        """`generate` over the prompt, reading only what the kept prompt cache does not already hold."""
+        from transformers import DynamicCache
+
+        prompt = inputs["input_ids"][0] if "input_ids" in inputs else inputs["inputs_embeds"][0]
+        cache = self.prompt_cache.take(prompt, lambda: DynamicCache(config=self.model.config))
+        with torch.inference_mode():
+            output = self.model.generate(**self._generate_kwargs(inputs, tools, answer_only), past_key_values=cache, streamer=streamer)
+        self.prompt_cache.keep(prompt, cache)
+        return output
+
     def _complete(self, messages, tools, answer_only: bool = False) -> str:
         inputs = self._inputs(messages, tools)
-        with torch.inference_mode():
-            output = self.model.generate(**self._generate_kwargs(inputs, tools, answer_only))
+        output = self._generate_tokens(inputs, tools, answer_only)
         return self.tokenizer.decode(output[0, self._prompt_length(inputs):], skip_special_tokens=True)
 
     def _checked(self, messages, tools, text: str) -> AIMessage:
@@ -152,8 +164,7 @@ class LocalChatModel(BaseChatModel):
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
         def generate():
-            with torch.inference_mode():
-                self.model.generate(**self._generate_kwargs(inputs, tools), streamer=streamer)
+            self._generate_tokens(inputs, tools, streamer=streamer)
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()

@@ -6,8 +6,8 @@ record `ophglm ask --json` prints). Figures: tool-selection precision/recall/F1 
 names, micro-averaged), argument validity (share of tool calls whose arguments were
 accepted, unusable model calls counted as invalid), groundedness (share of the answer's
 numbers and disease names that this conversation's tool results or cited passages support; a
-number counts only as a figure of the quantity its clause names), triage and refusal accuracy, fact recall (expected words found in the answer), and p50/p95
-turn latency.
+number counts only as a figure of the quantity its clause names), triage and refusal accuracy,
+fact recall (expected words found in the answer), and p50/p95 turn latency.
 """
 
 from __future__ import annotations
