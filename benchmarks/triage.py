@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -82,10 +83,19 @@ def _save(path: Path, cache: dict) -> None:
     path.write_text(json.dumps(cache))
 
 
+def _lesion_area(found: dict) -> float | None:
+    """% of the field the lesion segmenter marked (all four kinds), None where it did not run."""
+    lesions = found.get("segment_lesions", {}).get("lesions")
+    return sum(v["area"]["value"] for v in lesions.values()) if lesions else None
+
+
 def score(records: list, findings: dict[str, dict]) -> dict:
     right, checked, confusion, rules, referred = Counter(), Counter(), Counter(), Counter(), Counter()
+    areas: dict[str, list[float]] = {}
     for record in records:
         found = findings[str(record.path)]
+        if (area := _lesion_area(found)) is not None:
+            areas.setdefault(record.label, []).append(area)
         level = triage(found) if "classify_fundus" in found else None
         name = level.level if level else "rejected"
         rules[level.rule if level else "rejected"] += 1
@@ -104,6 +114,9 @@ def score(records: list, findings: dict[str, dict]) -> dict:
         "diabetic_retinopathy_referred": round(referred[True] / sum(referred.values()), 4) if referred else None,
         "confusion": {label: {lvl: n for (lab, lvl), n in sorted(confusion.items()) if lab == label} for label in sorted({l for l, _ in confusion})},
         "rules_fired": dict(rules.most_common()),
+        # How much the lesion segmenter marks per label: on normal photographs every mark is a false positive.
+        "lesions_marked_share": {label: round(sum(a > 0 for a in values) / len(values), 4) for label, values in sorted(areas.items())},
+        "lesion_area_median_percent": {label: round(float(np.median(values)), 4) for label, values in sorted(areas.items())},
     }
 
 
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:18s} {value:.3f}   levels: {report['confusion'][label]}")
     print(f"  {'DR (not checked)':18s}          levels: {report['confusion'].get('diabetic_retinopathy', {})}")
     print("rules fired: " + ", ".join(f"{k} {v}" for k, v in report["rules_fired"].items()))
+    print("lesion segmenter, share of photographs with a lesion marked / median % of field marked: " + ", ".join(
+        f"{label} {share:.2f} / {report['lesion_area_median_percent'][label]:.2f}" for label, share in report["lesions_marked_share"].items()))
     return 0
 
 

@@ -4,7 +4,9 @@ DIR has the layout of ../shared/data; each dataset present is evaluated, each ab
 is skipped and named. Only the fixed validation split (the same hashed split training
 used) counts, so a figure here is on unseen photographs. The quality gate is measured on
 generated and packaged non-fundus images (a seed different from the one its thresholds
-were chosen on) and on every fundus photograph in DIR. Speed: images/second of each tool
+were chosen on) and on every fundus photograph in DIR. The lesion segmenter is also run on
+unseen normal photographs of every camera source: whatever it marks there is a false
+positive that would reach the triage table. Speed: images/second of each tool
 called as the agent calls it, and its ratio to the bare model forward measured in the same
 run, so preprocessing and post-processing costs are visible.
 """
@@ -23,13 +25,14 @@ from tqdm import tqdm
 from ophglm.finetune.datasets import (CLASSIFIER_CLASSES, classification_records, disc_cup_records, lesion_records, split_of,
                                       vessel_records)
 from ophglm.finetune.metrics import aupr, auroc_per_class, classwise_calibration_error, dice, expected_calibration_error, macro, pixel_auroc
+from ophglm.finetune.train_segmenter import SegmenterConfig, normal_photographs
 from ophglm.session import Session
 from ophglm.tools.anatomy import MeasureOpticDisc, MeasureVessels
 from ophglm.tools.assess_quality import AssessQuality, assess
 from ophglm.tools.classify_fundus import ClassifyFundus
 from ophglm.tools.measurements import vertical_cdr
 from ophglm.tools.non_fundus import non_fundus_images
-from ophglm.tools.segment_lesions import SegmentLesions
+from ophglm.tools.segment_lesions import LESION_NAMES, SegmentLesions
 from ophglm.tools.synthetic_fundus import make_synthetic_fundus
 from ophglm.tools.vision import fov_mask, fundus_box, fundus_square, square_crop, to_tensor
 
@@ -94,6 +97,26 @@ def eval_lesions(root: Path, tool: SegmentLesions) -> dict | None:
             report[name]["aupr"][c] = round(aupr(p, t), 4)
             report[name]["dice"][c] = round(dice(p > tool.config["thresholds"][c], t), 4)
     return report
+
+
+def eval_lesions_on_normals(root: Path, tool: SegmentLesions) -> dict | None:
+    """What the lesion tool marks on unseen normal photographs of every camera source: each mark is a false positive.
+
+    The held-out normals the segmenter's training chose its epoch and thresholds on are left out.
+    """
+    chosen_on = set(normal_photographs(root, "val", SegmenterConfig.validation_normals))
+    records = [r for r in classification_records(root) if r.label == "normal" and split_of(r.group) == "val" and r.path not in chosen_on]
+    if not records:
+        return None
+    by_source: dict[str, list[float]] = {}
+    for r in tqdm(records, desc="lesions (normal photographs)", unit="img"):
+        _, masks, field = tool.masks_batch([_rgb(r.path)])[0]
+        marked = np.any([masks[c] for c in LESION_NAMES], axis=0).sum()
+        by_source.setdefault(r.source, []).append(100.0 * float(marked) / max(int(field.sum()), 1))
+    every = [a for areas in by_source.values() for a in areas]
+    summary = lambda areas: {"images": len(areas), "marked_share": round(float(np.mean([a > 0 for a in areas])), 4),
+                             "marked_field_percent_median": round(float(np.median(areas)), 4)}
+    return summary(every) | {"by_source": {source: summary(areas) for source, areas in sorted(by_source.items())}}
 
 
 def eval_disc_cup(root: Path, tool: MeasureOpticDisc) -> dict | None:
@@ -190,6 +213,7 @@ def evaluate_vision(root: Path, non_fundus: int = 300, speed_repeats: int = 5) -
         tool.setup()
     sections = {"classifier": lambda: eval_classifier(root, tools["classify_fundus"]),
                 "lesions_idrid_fullres": lambda: eval_lesions(root, tools["segment_lesions"]),
+                "lesions_on_normal_photographs": lambda: eval_lesions_on_normals(root, tools["segment_lesions"]),
                 "disc_cup_drishti_gs": lambda: eval_disc_cup(root, tools["measure_optic_disc"]),
                 "vessels_drive": lambda: eval_vessels(root, tools["measure_vessels"])}
     report: dict = {"data": str(root), "skipped": []}

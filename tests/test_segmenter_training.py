@@ -58,3 +58,19 @@ def test_lesion_training_uses_normals_and_reports_marks_on_them(tmp_path):
     model, config = load_weights(out)
     assert config["recipe"]["negative_share"] == 0.5 and config["classes"] == list(SEGMENTER_CLASSES)
     assert "--negative-share 0.5" in out.with_suffix(".md").read_text()
+
+
+def test_eval_vision_reports_what_the_lesion_tool_marks_on_unseen_normals(tmp_path):
+    from ophglm.finetune.evaluate_vision import eval_lesions_on_normals
+    from ophglm.tools.segment_lesions import SegmentLesions
+
+    folder = tmp_path / "classify_4class" / "normal"
+    folder.mkdir(parents=True)
+    chosen_on = SegmenterConfig.validation_normals  # the training's held-out normals are left out of this figure
+    for seed, number in enumerate(_names("", "val", chosen_on + 3, lambda s: f"odir:{s}")):
+        make_synthetic_fundus(256, seed=seed, lesions=False).image.save(folder / f"{number}_left.jpg")
+    tool = SegmentLesions()
+    tool.setup()
+    report = eval_lesions_on_normals(tmp_path, tool)
+    assert report["images"] == 3 and set(report["by_source"]) == {"odir"}
+    assert 0.0 <= report["marked_share"] <= 1.0 and report["marked_field_percent_median"] >= 0.0
