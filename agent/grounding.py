@@ -4,8 +4,8 @@ A small LLM invents numbers and citations. Every number in the answer must appea
 tool result of this conversation (as written, or rounded), as a figure of the quantity the
 answer's clause names: "vessel density is 5" needs a 5 in a clause about vessels, not
 another tool's 5 (a clause naming no quantity may quote any tool's number). Every
-`[doc#section]` citation must name a passage that was retrieved; a sentence that fails is removed, and the
-reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
+`[doc#section]` citation must name a passage that was retrieved. A sentence that fails is
+removed, and the reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
 "the eye is healthy") must agree with the classifier: naming a disease it gives less than
 0.5, or denying one it gives 0.5 or more, removes the sentence. General statements about
 a disease ("glaucoma damages the optic nerve") are knowledge: a retrieved passage must

@@ -37,7 +37,8 @@ from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
 from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.segment_lesions import without_specks
-from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fov_mask, fundus_box, fundus_square, load_weights, save_weights, square_crop
+from ophglm.tools.vision import (IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fov_mask, fundus_box, fundus_square, load_weights,
+                                save_weights, square_crop)
 
 
 @dataclass(frozen=True)
