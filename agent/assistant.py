@@ -34,7 +34,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from PIL import Image
 
 from ophglm import DISCLAIMER
-from ophglm.agent.grounding import check_answer
+from ophglm.agent.grounding import CITATION, check_answer
 from ophglm.agent.triage import Triage, TriageFindings, triage
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
@@ -299,7 +299,8 @@ class Assistant:
         reply = Reply(answer="")
         # A follow-up may quote an earlier turn's results: every tool result of the session is evidence.
         evidence = [m.text for m in history if isinstance(m, ToolMessage) and "error" not in (m.artifact or {})]
-        passages = {c["id"]: c.get("text", "") for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
+        retrieved = {c["id"]: c for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
+        passages = {pid: c.get("text", "") for pid, c in retrieved.items()}
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
@@ -326,6 +327,9 @@ class Assistant:
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:
             reply.answer += " (Some statements were removed because no tool result supported them.)"
+        # A follow-up may cite a passage an earlier turn retrieved: the reply carries its text too.
+        reply.citations += [retrieved[pid] for pid in dict.fromkeys(CITATION.findall(reply.answer))
+                            if pid in retrieved and pid not in {c["id"] for c in reply.citations}]
         if reply.citations and not any(f"[{c['id']}]" in reply.answer for c in reply.citations):
             reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
         if not reply.citations and "search_knowledge" in reply.findings and OUT_OF_SCOPE not in reply.answer:

@@ -5,7 +5,9 @@ repeats the whole conversation so far with one more tool result (or, when the mo
 imitates a gate's call, the very same prompt again). On a CPU without native bf16 the
 prefill of those ~1,600 tokens is most of a turn's time. The cache of the last prompt is
 kept; the next call drops what follows the part the two prompts share and reads only the
-rest. Greedy decoding picks the same tokens either way (up to float rounding).
+rest. Greedy decoding picks the same tokens either way up to float rounding: reading a
+prompt in two pieces rounds differently from reading it whole, which in bf16 can now and
+then change a word of a long answer (the grounding check applies to either).
 """
 
 from __future__ import annotations

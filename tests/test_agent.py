@@ -108,6 +108,23 @@ def test_follow_up_turn_keeps_the_session(settings, tools, demo_fundus_path):
     assert len(assistant.session.images) == 1
 
 
+def test_a_follow_up_citing_an_earlier_turns_passage_carries_its_text(settings, tools):
+    def cite_the_first_turns_passage(messages):
+        searches = [re.findall(r"\[([a-z_]+#[a-z-]+)\]", m.text) for m in messages if isinstance(m, ToolMessage) and m.name == "search_knowledge"]
+        earlier_only = [pid for pid in searches[0] if pid not in searches[-1]]
+        assert earlier_only, "the two questions should retrieve different passages"
+        return f"As said before, glaucoma damages the optic nerve [{earlier_only[0]}]."
+
+    steps = ["Glaucoma is an optic nerve disease.", cite_the_first_turns_passage]
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=steps), tools=tools)
+    first = assistant.ask("What is glaucoma?")
+    second = assistant.ask("How is cataract surgery done?")
+    cited = re.findall(r"\[([a-z_]+#[a-z-]+)\]", second.answer)[0]
+    assert cited in {c["id"] for c in first.citations}
+    carried = next(c for c in second.citations if c["id"] == cited)
+    assert carried["text"] == next(c["text"] for c in first.citations if c["id"] == cited)
+
+
 def test_a_question_about_the_vessels_measures_them_on_the_examined_photograph(settings, tools, demo_fundus_path):
     steps = [lambda m: _tool_text(m, "measure_vessels"), lambda m: _tool_text(m, "measure_vessels")]
     assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=steps), tools=tools)
