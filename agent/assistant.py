@@ -322,7 +322,8 @@ class Assistant:
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
         probabilities = {c: p["value"] for c, p in self.session.findings.get("classify_fundus", {}).get("probabilities", {}).items()}
-        grounded = check_answer(final.text if final else "", evidence, passages, probabilities)
+        level = triage(self.session.findings)
+        grounded = check_answer(final.text if final else "", evidence, passages, probabilities, checks_urgency=True, urgency=level and level.level)
         reply.answer = grounded.text or "I could not produce an answer supported by the tool results."
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:
@@ -334,7 +335,7 @@ class Assistant:
             reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
         if not reply.citations and "search_knowledge" in reply.findings and OUT_OF_SCOPE not in reply.answer:
             reply.answer += " The knowledge base does not cover this question."
-        reply.triage = triage(self.session.findings)
+        reply.triage = level
         if any(name in reply.findings for name in EXAMINE):
             # An answer about a photograph is read on its own (an API client may show only this field):
             # it carries the rule table's urgency and the disclaimer even where the LLM left them out.

@@ -11,6 +11,9 @@ removed, and the reply says so. A sentence that says what *this* photograph show
 a disease ("glaucoma damages the optic nerve") are knowledge: a retrieved passage must
 discuss that disease; the sentence keeps its own citation of one, or gets one added, so the
 reader can trace it. A disease named by neither the classifier nor any passage is removed.
+The urgency is the rule table's: a sentence that states another level ("the referral
+urgency is routine" when the table says soon, or any level when no photograph was
+examined) is removed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ QUANTITIES = {
 } | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
 QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
+URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")  # "the urgency is ...": a claim; "needs urgent referral" is knowledge
+URGENCY_LEVEL = {"urgent": r"\burgent(ly)?\b", "soon": r"\bsoon\b", "routine": r"\broutine\b", "none": r"\bnone\b"}
 
 
 @dataclass
@@ -165,10 +170,23 @@ def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: d
     return sentence, unsupported
 
 
-def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None) -> GroundedAnswer:
+def _urgency_conflict(sentence: str, urgency: str | None) -> list[str]:
+    """A sentence about the urgency that states one level other than the rule table's (listing the scale is no claim)."""
+    text = sentence.lower()
+    if not URGENCY_TOPIC.search(text):
+        return []
+    stated = [level for level, pattern in URGENCY_LEVEL.items() if re.search(pattern, text)]
+    if len(stated) != 1 or stated[0] == urgency:
+        return []
+    return [f"the rule table gives the urgency {urgency}" if urgency else "no examined photograph has an urgency from the rule table"]
+
+
+def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,
+                 *, checks_urgency: bool = False, urgency: str | None = None) -> GroundedAnswer:
     """Drop sentences with numbers, citations or disease claims that no tool result supports.
 
-    `passages` maps each retrieved passage's id to its text.
+    `passages` maps each retrieved passage's id to its text. With `checks_urgency`, a stated
+    urgency level must be `urgency`, the rule table's level (None: there is none).
     """
     allowed = supported_numbers(evidence)
     probabilities = probabilities or {}
@@ -179,7 +197,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     for sentence in sentences:
         bad_numbers = unsupported_numbers(sentence, allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
-        conflicts = _disease_conflicts(sentence, probabilities)
+        conflicts = _disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
         sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
         if bad_numbers or bad_citations or conflicts or unsupported:
             why = ", ".join(bad_numbers

@@ -46,6 +46,18 @@ def test_a_number_must_be_a_figure_of_the_quantity_its_clause_names():
     assert check_answer("That is 0.45.", SESSION_EVIDENCE, {}).removed == []
 
 
+def test_a_stated_urgency_must_be_the_rule_tables():
+    answer = "By OphGLM's triage rules the urgency is soon: refer within weeks. A sudden curtain over the vision needs urgent referral."
+    assert check_answer(answer, [], {}, checks_urgency=True, urgency="soon").text == answer
+    result = check_answer("The referral urgency is routine: see a doctor.", [], {}, checks_urgency=True, urgency="soon")
+    assert result.text == "" and "the rule table gives the urgency soon" in result.removed[0]
+    # After a rejected photograph there is no level to state; listing the scale states none.
+    result = check_answer("The urgency is routine. Urgency levels are urgent, soon, routine or none.", [], {}, checks_urgency=True, urgency=None)
+    assert result.text == "Urgency levels are urgent, soon, routine or none."
+    assert "no examined photograph has an urgency" in result.removed[0]
+    assert check_answer("The urgency is routine.", [], {}).removed == []  # not asked to check
+
+
 def test_a_sentence_cut_off_by_the_token_limit_is_dropped():
     passage = {"glaucoma#overview": "Glaucoma damages the optic nerve."}
     assert check_answer("Glaucoma damages the optic nerve [glaucoma#overview]. It is often", [], passage).text == "Glaucoma damages the optic nerve [glaucoma#overview]."
