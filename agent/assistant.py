@@ -59,7 +59,8 @@ NOT_A_DIAGNOSIS = "not a diagnosis"
 MAX_MODEL_CALLS = 3  # the LLM's own steps per turn: then it must answer without tools
 GATE_CALL = "gate_"  # id prefix of the calls the gates make (they are not the LLM's steps)
 # Finer tools a question asks for by name: what it must mention for the gates to run the tool.
-ASKED_FOR = {"measure_vessels": re.compile(r"\b(blood vessels?|vessels?|vascular\w*|vasculature|arteries|arterial|arterioles?|veins?|venous|venules?)\b", re.I)}
+ASKED_FOR = {"measure_vessels": re.compile(
+    r"\b(blood vessels?|vessels?|vascular\w*|vasculature|arteries|arterial|arterioles?|veins?|venous|venules?)\b", re.I)}
 
 
 def _call(name: str, args: dict) -> dict:
