@@ -13,13 +13,16 @@ discuss that disease; the sentence keeps its own citation of one, or gets one ad
 reader can trace it. A disease named by neither the classifier nor any passage is removed.
 The urgency is the rule table's: a sentence that states another level ("the referral
 urgency is routine" when the table says soon, or any level when no photograph was
-examined) is removed.
+examined) is removed. A small model also copies a tool's description from its prompt ("The
+referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives..."): such
+a sentence says nothing about this eye and is removed too.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 CITATION = re.compile(r"\[([a-z0-9_]+#[a-z0-9-]+)\]")
@@ -49,6 +52,7 @@ QUANTITIES = {
 } | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
 QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
+COPIED_WORDS = 8
 URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")  # "the urgency is ...": a claim; "needs urgent referral" is knowledge
 URGENCY_LEVEL = {"urgent": r"\burgent(ly)?\b", "soon": r"\bsoon\b", "routine": r"\broutine\b", "none": r"\bnone\b"}
 
@@ -181,12 +185,24 @@ def _urgency_conflict(sentence: str, urgency: str | None) -> list[str]:
     return [f"the rule table gives the urgency {urgency}" if urgency else "no examined photograph has an urgency from the rule table"]
 
 
+def _copies_a_description(sentence: str, descriptions: list[str]) -> bool:
+    """Most of the sentence (at least COPIED_WORDS words in a row) is a tool's description."""
+    words = re.findall(r"[a-z0-9']+", sentence.lower())
+    for description in descriptions:
+        source = re.findall(r"[a-z0-9']+", description.lower())
+        run = SequenceMatcher(None, words, source, autojunk=False).find_longest_match(0, len(words), 0, len(source)).size
+        if run >= COPIED_WORDS and run >= 0.6 * len(words):
+            return True
+    return False
+
+
 def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,
-                 *, checks_urgency: bool = False, urgency: str | None = None) -> GroundedAnswer:
+                 *, checks_urgency: bool = False, urgency: str | None = None, tool_descriptions: list[str] = ()) -> GroundedAnswer:
     """Drop sentences with numbers, citations or disease claims that no tool result supports.
 
     `passages` maps each retrieved passage's id to its text. With `checks_urgency`, a stated
-    urgency level must be `urgency`, the rule table's level (None: there is none).
+    urgency level must be `urgency`, the rule table's level (None: there is none). A sentence
+    copied from one of `tool_descriptions` is dropped.
     """
     allowed = supported_numbers(evidence)
     probabilities = probabilities or {}
@@ -198,6 +214,8 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
         bad_numbers = unsupported_numbers(sentence, allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
         conflicts = _disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
+        if _copies_a_description(sentence, list(tool_descriptions)):
+            conflicts.append("it repeats a tool's description, not a finding")
         sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
         if bad_numbers or bad_citations or conflicts or unsupported:
             why = ", ".join(bad_numbers

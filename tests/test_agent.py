@@ -108,6 +108,17 @@ def test_follow_up_turn_keeps_the_session(settings, tools, demo_fundus_path):
     assert len(assistant.session.images) == 1
 
 
+def test_an_answer_copied_from_a_tool_description_gives_way_to_the_findings(settings, tools, demo_fundus_path):
+    copied = ("The referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives for what the tools "
+              "found in one photograph, with the rule's reason.")
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=[copied]), tools=tools)
+    reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
+    assert any("repeats a tool's description" in n for n in reply.notes)
+    assert reply.answer.startswith(f"What the tools found: Disease probabilities for {reply.findings['classify_fundus']['image_id']}")
+    assert "Lesions in" in reply.answer and "OphGLM's rule table gives" not in reply.answer
+    assert reply.answer.endswith("This is not a diagnosis: have an eye-care professional review the photograph.")
+
+
 def test_a_follow_up_citing_an_earlier_turns_passage_carries_its_text(settings, tools):
     def cite_the_first_turns_passage(messages):
         searches = [re.findall(r"\[([a-z_]+#[a-z-]+)\]", m.text) for m in messages if isinstance(m, ToolMessage) and m.name == "search_knowledge"]

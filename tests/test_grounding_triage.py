@@ -58,6 +58,13 @@ def test_a_stated_urgency_must_be_the_rule_tables():
     assert check_answer("The urgency is routine.", [], {}).removed == []  # not asked to check
 
 
+def test_a_sentence_copied_from_a_tool_description_is_removed():
+    description = "Find diabetic-retinopathy lesions and the optic disc in one colour fundus photograph of this session."
+    answer = "Find diabetic retinopathy lesions and the optic disc in one colour fundus photograph. The optic disc was found."
+    result = check_answer(answer, [], {}, tool_descriptions=[description])
+    assert result.text == "The optic disc was found." and "repeats a tool's description" in result.removed[0]
+
+
 def test_a_sentence_cut_off_by_the_token_limit_is_dropped():
     passage = {"glaucoma#overview": "Glaucoma damages the optic nerve."}
     assert check_answer("Glaucoma damages the optic nerve [glaucoma#overview]. It is often", [], passage).text == "Glaucoma damages the optic nerve [glaucoma#overview]."
