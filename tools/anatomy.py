@@ -130,7 +130,7 @@ class MeasureOpticDisc(Tool):
             "reliable": not coarse,
         }
         summary = f"Vertical cup-to-disc ratio of {image_id}: {cdr:.2f}"
-        summary += f" (at or above {CDR_REFERRAL}, a common glaucoma-suspect threshold)." if cdr >= CDR_REFERRAL else f" (below {CDR_REFERRAL})."
+        summary += f" (at or above {CDR_REFERRAL}, where an optic nerve assessment is usually advised)." if cdr >= CDR_REFERRAL else f" (below {CDR_REFERRAL})."
         if coarse:
             summary += f" The disc is only {diameter:.0f} pixels wide in this photograph, so the ratio is unreliable."
         return ToolResult(summary=summary, findings=findings)

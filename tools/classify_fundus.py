@@ -78,5 +78,5 @@ class ClassifyFundus(Tool):
         }
         listed = ", ".join(f"{LABELS.get(c, c)} {p:.2f}" for c, p in ranked)
         hedge = "" if top_p >= 0.6 else " The classifier is unsure (no class reaches 0.60)."
-        summary = f"Disease probabilities for {image_id}: {listed}. Most likely: {LABELS.get(top, top)}.{hedge}"
+        summary = f"Disease probabilities for {image_id}: {listed}. Most likely: {LABELS.get(top, top)} ({top_p:.2f}).{hedge}"
         return ToolResult(summary=summary, findings=findings)
