@@ -115,6 +115,11 @@ def unsupported_numbers(sentence: str, numbers: EvidenceNumbers) -> list[str]:
     return problems
 
 
+def quotes_probability(sentence: str, p: float) -> bool:
+    """The sentence gives `p` to two decimals or as a whole percentage (the tools round p before the findings do)."""
+    return any(abs(float(n) - p) <= 0.0051 or abs(float(n) - 100 * p) <= 0.51 for n in NUMBER.findall(sentence))
+
+
 def named_diseases(sentence: str) -> list[str]:
     """The classes a sentence names (lower-cased matching on whole words)."""
     text = sentence.lower()
@@ -158,7 +163,7 @@ def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: d
     unsupported, to_cite = [], []
     for disease in named_diseases(sentence):
         p = probabilities.get(disease)
-        if disease == "normal" or (p is not None and (f"{p:.2f}" in sentence or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)):
+        if disease == "normal" or (p is not None and (quotes_probability(sentence, p) or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)):
             continue
         discussing = _discussed_by(disease, passages)
         if any(c in discussing for c in cited):

@@ -22,7 +22,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.agent.grounding import ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, supported_numbers, unsupported_numbers
+from ophglm.agent.grounding import (ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, quotes_probability,
+                                    supported_numbers, unsupported_numbers)
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -63,7 +64,7 @@ def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[in
             p = probabilities.get(disease)
             # Supported: the classifier agrees (favours it, or disfavours what the sentence denies of the
             # photograph), the sentence quotes its probability, or a passage the answer cites discusses it.
-            agrees = p is not None and ((p >= 0.5) != denied_of_photo or f"{p:.2f}" in sentence)
+            agrees = p is not None and ((p >= 0.5) != denied_of_photo or quotes_probability(sentence, p))
             supported += agrees or any(n in cited_text for n in names)
     return supported, total
 

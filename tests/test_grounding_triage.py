@@ -150,3 +150,5 @@ def test_general_statements_about_a_disease_must_be_traceable_to_a_passage():
 def test_the_classifier_itself_supports_the_diseases_it_favours_or_quotes():
     assert check_answer("Diabetic retinopathy is likely here.", [], {}, PROBS).text == "Diabetic retinopathy is likely here."
     assert check_answer("Glaucoma has probability 0.06.", ["glaucoma 0.06"], {}, PROBS).removed == []
+    # The summary rounds the raw probability, the findings keep three decimals: 0.035 quoted as 0.03 is still a quote.
+    assert check_answer("Glaucoma 0.03.", ["glaucoma 0.03"], {}, {"glaucoma": 0.035}).removed == []
