@@ -325,7 +325,7 @@ class Assistant:
         probabilities = {c: p["value"] for c, p in self.session.findings.get("classify_fundus", {}).get("probabilities", {}).items()}
         level = triage(self.session.findings)
         grounded = check_answer(final.text if final else "", evidence, passages, probabilities, checks_urgency=True,
-                                urgency=level and level.level, tool_descriptions=[t.description for t in self.tools.values()])
+                                urgency=level and level.level, tool_descriptions=tuple(t.description for t in self.tools.values()))
         # Nothing of the model's answer held: the person still gets this turn's findings, in the tools' own words.
         found = [c.summary for c in reply.tool_calls if c.ok and c.name not in ("search_knowledge", QUALITY_GATE, TRIAGE)]
         reply.answer = grounded.text or ("What the tools found: " + " ".join(found) if found else "I could not produce an answer supported by the tool results.")

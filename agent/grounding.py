@@ -115,9 +115,17 @@ def unsupported_numbers(sentence: str, numbers: EvidenceNumbers) -> list[str]:
     return problems
 
 
-def quotes_probability(sentence: str, p: float) -> bool:
+def _quotes_probability(sentence: str, p: float) -> bool:
     """The sentence gives `p` to two decimals or as a whole percentage (the tools round p before the findings do)."""
     return any(abs(float(n) - p) <= 0.0051 or abs(float(n) - 100 * p) <= 0.51 for n in NUMBER.findall(sentence))
+
+
+def classifier_supports(sentence: str, p: float | None) -> bool:
+    """The classifier backs the sentence's mention of a disease it gives `p`: it favours the disease,
+    or the sentence denies it of the photograph while the classifier disfavours it, or the sentence quotes p."""
+    lowered = sentence.lower()
+    denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
+    return p is not None and (_quotes_probability(sentence, p) or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)
 
 
 def named_diseases(sentence: str) -> list[str]:
@@ -159,11 +167,9 @@ def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: d
     by one that was retrieved (its citation is then added).
     """
     cited = [c for c in CITATION.findall(sentence) if c in passages]
-    denied_of_photo = bool(DENIAL.search(sentence.lower()) and ABOUT_THE_PHOTO.search(sentence.lower()))
     unsupported, to_cite = [], []
     for disease in named_diseases(sentence):
-        p = probabilities.get(disease)
-        if disease == "normal" or (p is not None and (quotes_probability(sentence, p) or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)):
+        if disease == "normal" or classifier_supports(sentence, probabilities.get(disease)):
             continue
         discussing = _discussed_by(disease, passages)
         if any(c in discussing for c in cited):
@@ -190,11 +196,14 @@ def _urgency_conflict(sentence: str, urgency: str | None) -> list[str]:
     return [f"the rule table gives the urgency {urgency}" if urgency else "no examined photograph has an urgency from the rule table"]
 
 
-def _copies_a_description(sentence: str, descriptions: list[str]) -> bool:
-    """Most of the sentence (at least COPIED_WORDS words in a row) is a tool's description."""
-    words = re.findall(r"[a-z0-9']+", sentence.lower())
-    for description in descriptions:
-        source = re.findall(r"[a-z0-9']+", description.lower())
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _copies_a_description(sentence: str, descriptions: list[list[str]]) -> bool:
+    """Most of the sentence (at least COPIED_WORDS words in a row) is a tool's description (given as words)."""
+    words = _words(sentence)
+    for source in descriptions:
         run = SequenceMatcher(None, words, source, autojunk=False).find_longest_match(0, len(words), 0, len(source)).size
         if run >= COPIED_WORDS and run >= 0.6 * len(words):
             return True
@@ -202,7 +211,7 @@ def _copies_a_description(sentence: str, descriptions: list[str]) -> bool:
 
 
 def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,
-                 *, checks_urgency: bool = False, urgency: str | None = None, tool_descriptions: list[str] = ()) -> GroundedAnswer:
+                 *, checks_urgency: bool = False, urgency: str | None = None, tool_descriptions: tuple[str, ...] = ()) -> GroundedAnswer:
     """Drop sentences with numbers, citations or disease claims that no tool result supports.
 
     `passages` maps each retrieved passage's id to its text. With `checks_urgency`, a stated
@@ -210,6 +219,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     copied from one of `tool_descriptions` is dropped.
     """
     allowed = supported_numbers(evidence)
+    descriptions = [_words(d) for d in tool_descriptions]
     probabilities = probabilities or {}
     kept, removed = [], []
     sentences = SENTENCE.split(answer.strip())
@@ -219,7 +229,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
         bad_numbers = unsupported_numbers(sentence, allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
         conflicts = _disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
-        if _copies_a_description(sentence, list(tool_descriptions)):
+        if _copies_a_description(sentence, descriptions):
             conflicts.append("it repeats a tool's description, not a finding")
         sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
         if bad_numbers or bad_citations or conflicts or unsupported:

@@ -22,8 +22,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.agent.grounding import (ABOUT_THE_PHOTO, DENIAL, DISEASE_NAMES, NUMBER, SENTENCE, named_diseases, quotes_probability,
-                                    supported_numbers, unsupported_numbers)
+from ophglm.agent.grounding import (DISEASE_NAMES, NUMBER, SENTENCE, classifier_supports, named_diseases, supported_numbers,
+                                    unsupported_numbers)
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -54,18 +54,12 @@ def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[in
         numbers = len(NUMBER.findall(sentence))
         total += numbers
         supported += numbers - len(unsupported_numbers(sentence, allowed))
-        lowered = sentence.lower()
-        denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
         for disease in named_diseases(sentence):
             if disease == "normal":
                 continue
-            names = DISEASE_NAMES[disease]
             total += 1
-            p = probabilities.get(disease)
-            # Supported: the classifier agrees (favours it, or disfavours what the sentence denies of the
-            # photograph), the sentence quotes its probability, or a passage the answer cites discusses it.
-            agrees = p is not None and ((p >= 0.5) != denied_of_photo or quotes_probability(sentence, p))
-            supported += agrees or any(n in cited_text for n in names)
+            # Supported: the classifier backs it (the check's own rule), or a passage the answer cites discusses it.
+            supported += classifier_supports(sentence, probabilities.get(disease)) or any(n in cited_text for n in DISEASE_NAMES[disease])
     return supported, total
 
 

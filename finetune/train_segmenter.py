@@ -288,7 +288,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
         "auroc": {c: round(pixel_auroc(probs[annotated, k][inside], val_y[annotated, k][inside]), 4) for k, c in enumerate(task.classes)},
         "dice_at_threshold": dices, "thresholds": thresholds,
     }
-    if len(train_normals):
+    if (~annotated).any():  # normals validated even when none were trained on (--negative-share 0)
         report |= {"train_normals": len(train_normals), "validation_normals": int((~annotated).sum()),
                    "aupr_with_normals": {k: round(v, 4) for k, v in _validate(probs, val_y, val_valid, val_known, task.classes).items()},
                    **_marks_on_normals(probs[~annotated], val_valid[~annotated], task, thresholds)}

@@ -58,6 +58,9 @@ def test_lesion_training_uses_normals_and_reports_marks_on_them(tmp_path):
     model, config = load_weights(out)
     assert config["recipe"]["negative_share"] == 0.5 and config["classes"] == list(SEGMENTER_CLASSES)
     assert "--negative-share 0.5" in out.with_suffix(".md").read_text()
+    # Without normals in training, validation still says how much the weights mark on healthy eyes.
+    report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0))
+    assert report["train_normals"] == 0 and report["validation_normals"] == 2 and "normals_marked_share" in report
 
 
 def test_eval_vision_reports_what_the_lesion_tool_marks_on_unseen_normals(tmp_path):
