@@ -11,7 +11,11 @@ removed, and the reply says so. A sentence that says what *this* photograph show
 a disease ("glaucoma damages the optic nerve") are knowledge: a retrieved passage must
 discuss that disease; the sentence keeps its own citation of one, or gets one added, so the
 reader can trace it. A disease named by neither the classifier nor any passage is removed.
-The urgency is the rule table's: a sentence that states another level ("the referral
+A clinical sign ("a cherry-red spot", "drusen", "neovascularisation") follows the same rule
+whether asserted or denied: a tool result of the conversation must name it (the segmenter
+reports haemorrhages, exudates...), or a retrieved passage must discuss it (and is cited);
+no tool looks for a cherry-red spot, so neither "there is one" nor "there is none" is a
+finding. The urgency is the rule table's: a sentence that states another level ("the referral
 urgency is routine" when the table says soon, or any level when no photograph was
 examined) is removed. A small model also copies a tool's description from its prompt ("The
 referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives..."): such
@@ -51,6 +55,42 @@ QUANTITIES = {
     "normal": r"\bnormal\b|\bhealthy\b|no referable disease",
 } | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
 QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
+# Signs an answer may name, each with the ways it is written (lower case). A tool result or a passage
+# naming the sign in any of these ways supports it.
+SIGNS = {
+    "microaneurysms": r"micro-?aneurysms?",
+    "haemorrhages": r"ha?emorrhag\w*|\bblots?\b|flame[- ]shaped",
+    "exudates": r"exudates?",
+    "cotton-wool spots": r"cotton[- ]wool",
+    "drusen": r"\bdrusen\b",
+    "neovascularisation": r"neovasculari[sz]\w*|new vessels",
+    "macular oedema": r"macular o?edema|\bcsme\b|\bdme\b",
+    "cherry-red spot": r"cherry[- ]red",
+    "papilloedema": r"papill?o?edema|swollen (optic )?disc|disc (swelling|o?edema)",
+    "retinal detachment": r"detach\w*",
+    "venous beading": r"venous beading|beaded veins?",
+    "intraretinal microvascular abnormalities": r"\birma\b|intraretinal microvascular",
+    "vessel tortuosity": r"tortuo\w+",
+    "arteriovenous nicking": r"\bav nicking|arterio-?venous nicking|nipping",
+    "peripapillary atrophy": r"peripapillary atrophy|\bppa\b",
+    "tessellation": r"tessellat\w+|tigroid",
+    "lacquer cracks": r"lacquer cracks?",
+    "fuchs spot": r"fuchs'? spot",
+    "staphyloma": r"staphyloma",
+    "geographic atrophy": r"geographic atrophy",
+    "disc pallor": r"pallor|pale (optic )?disc",
+    "rim notching": r"notch\w*",
+    "vessel occlusion": r"occlu\w+",
+    "emboli": r"embol\w+",
+    "laser scars": r"photocoagulation|laser scars?",
+    "pigmentary changes": r"pigment\w*|bone[- ]spicule",
+    "naevus": r"na?evus|na?evi\b",
+    "tumour": r"melanoma|retinoblastoma|tumou?r",
+    "macular hole": r"macular hole|retinal (hole|tear)",
+    "epiretinal membrane": r"epiretinal",
+    "copper or silver wiring": r"(copper|silver)[- ]wir\w+",
+}
+SIGN_PATTERNS = {sign: re.compile(pattern) for sign, pattern in SIGNS.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
 COPIED_WORDS = 8
 URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")  # "the urgency is ...": a claim; "needs urgent referral" is knowledge
@@ -154,28 +194,38 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
     return problems
 
 
-def _discussed_by(disease: str, passages: dict[str, str]) -> list[str]:
-    return [pid for pid, text in passages.items() if any(n in text.lower() for n in DISEASE_NAMES[disease])]
+def named_signs(text: str) -> set[str]:
+    lowered = text.lower()
+    return {sign for sign, pattern in SIGN_PATTERNS.items() if pattern.search(lowered)}
 
 
-def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: dict[str, float]) -> tuple[str, list[str]]:
-    """(the sentence, with a citation added where it needs one; diseases nothing supports).
+def _discussing(term: str, passages: dict[str, str]) -> list[str]:
+    """The passages that name a disease class or a sign."""
+    if term in SIGN_PATTERNS:
+        return [pid for pid, text in passages.items() if SIGN_PATTERNS[term].search(text.lower())]
+    return [pid for pid, text in passages.items() if any(n in text.lower() for n in DISEASE_NAMES[term])]
+
+
+def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: dict[str, float],
+                       signs_found: set[str]) -> tuple[str, list[str]]:
+    """(the sentence, with a citation added where it needs one; diseases and signs nothing supports).
 
     A tool finding needs no passage: a disease the classifier favours, one whose probability
-    the sentence quotes, or one the sentence denies of the photograph while the classifier
-    disfavours it. Any other disease must be discussed by a passage the sentence cites, or
-    by one that was retrieved (its citation is then added).
+    the sentence quotes, one the sentence denies of the photograph while the classifier
+    disfavours it, or a sign a tool result names (`signs_found`). Any other disease or sign
+    must be discussed by a passage the sentence cites, or by one that was retrieved (its
+    citation is then added).
     """
     cited = [c for c in CITATION.findall(sentence) if c in passages]
+    needing_passage = [d for d in named_diseases(sentence) if d != "normal" and not classifier_supports(sentence, probabilities.get(d))]
+    needing_passage += sorted(named_signs(sentence) - signs_found)
     unsupported, to_cite = [], []
-    for disease in named_diseases(sentence):
-        if disease == "normal" or classifier_supports(sentence, probabilities.get(disease)):
-            continue
-        discussing = _discussed_by(disease, passages)
+    for term in needing_passage:
+        discussing = _discussing(term, passages)
         if any(c in discussing for c in cited):
             continue
         if not discussing:
-            unsupported.append(disease.replace("_", " "))
+            unsupported.append(term.replace("_", " "))
         elif discussing[0] not in to_cite:
             to_cite.append(discussing[0])
     if to_cite and not unsupported:
@@ -219,6 +269,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     copied from one of `tool_descriptions` is dropped.
     """
     allowed = supported_numbers(evidence)
+    signs_found = set().union(*(named_signs(text) for text in evidence))
     descriptions = [_words(d) for d in tool_descriptions]
     probabilities = probabilities or {}
     kept, removed = [], []
@@ -231,7 +282,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
         conflicts = _disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
         if _copies_a_description(sentence, descriptions):
             conflicts.append("it repeats a tool's description, not a finding")
-        sentence, unsupported = _knowledge_support(sentence, passages, probabilities)
+        sentence, unsupported = _knowledge_support(sentence, passages, probabilities, signs_found)
         if bad_numbers or bad_citations or conflicts or unsupported:
             why = ", ".join(bad_numbers
                             + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts

@@ -152,3 +152,18 @@ def test_the_classifier_itself_supports_the_diseases_it_favours_or_quotes():
     assert check_answer("Glaucoma has probability 0.06.", ["glaucoma 0.06"], {}, PROBS).removed == []
     # The summary rounds the raw probability, the findings keep three decimals: 0.035 quoted as 0.03 is still a quote.
     assert check_answer("Glaucoma 0.03.", ["glaucoma 0.03"], {}, {"glaucoma": 0.035}).removed == []
+
+
+def test_a_sign_must_come_from_a_tool_result_or_a_passage_whether_asserted_or_denied():
+    # Session 5's evaluation kept "...has a cherry-red spot": no tool looks for one, no passage discussed it.
+    for invented in ("The retina has a cherry-red spot.", "There is no neovascularisation in this eye.", "Drusen are visible."):
+        result = check_answer(invented, EVIDENCE, {}, PROBS)
+        assert result.text == "" and "no tool result or retrieved passage discusses" in result.removed[0], invented
+    # the segmenter's result names haemorrhages: a sentence about them needs no passage (and "blot" is a way to say it)
+    assert check_answer("The haemorrhages are dot and blot shaped.", EVIDENCE, {}, PROBS).removed == []
+    # a retrieved passage that discusses the sign vouches for it, and is cited
+    passages = {"dr#signs": "Proliferative retinopathy shows neovascularization at the disc or elsewhere."}
+    result = check_answer("Neovascularisation means proliferative disease.", [], passages, {})
+    assert result.text == "Neovascularisation means proliferative disease [dr#signs]." and not result.removed
+    # ordinary words that contain no sign stay ("tell me", "blotchy" are not findings)
+    assert check_answer("Tell me if the view is blotchy.", [], {}, {}).removed == []
