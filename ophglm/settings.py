@@ -36,7 +36,7 @@ def _default_cache_dir() -> str:
 class Settings:
     # "local": a transformers model in this process; "openai": any OpenAI-compatible server (vLLM).
     llm_backend: str = "local"
-    # local backend: "smollm2" (packaged GGUF, converted once into cache_dir) or a folder with HF weights.
+    # local backend: "smollm2" or "qwen2.5-coder-0.5b" (packaged GGUFs, converted once into cache_dir) or a folder with HF weights.
     llm_model: str = "smollm2"
     # local backend: a folder holding a LoRA adapter to apply on top of llm_model; "auto" = the
     # adapter shipped for a packaged model (agent/weights/<model>-lora) if there is one; "" = none.

@@ -204,3 +204,28 @@ def test_no_tool_call_bans_only_the_start_of_a_tool_call(tokenizer):
     banned = NoToolCall(tokenizer).banned
     assert tokenizer("<", add_special_tokens=False)["input_ids"][0] in banned
     assert tokenizer("The", add_special_tokens=False)["input_ids"][0] not in banned
+
+
+def test_a_model_shipped_in_chunks_is_assembled_and_verified(tmp_path):
+    import hashlib
+
+    from ophglm.agent.llm_loader import assemble_chunks
+
+    chunks = []
+    for i, data in enumerate([b"GGUF" + b"a" * 5000, b"b" * 7000, b"c" * 10]):
+        chunks.append(tmp_path / f"part0{i + 1}.bin")
+        chunks[-1].write_bytes(data)
+    whole = b"".join(c.read_bytes() for c in chunks)
+    out = assemble_chunks(chunks, tmp_path / "model.gguf", hashlib.sha256(whole).hexdigest())
+    assert out.read_bytes() == whole
+    with pytest.raises(RuntimeError, match="reordered or altered"):  # two chunks swapped
+        assemble_chunks([chunks[1], chunks[0], chunks[2]], tmp_path / "swapped.gguf", hashlib.sha256(whole).hexdigest())
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == ["model.gguf"]  # nothing half-made is left
+
+
+def test_a_packaged_model_whose_package_is_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    from ophglm.agent import llm_loader
+
+    monkeypatch.setitem(llm_loader.PACKAGED_MODELS, "absent", llm_loader.PackagedModel(("no_such_package_xyz",), "pip install no-such-package"))
+    with pytest.raises(RuntimeError, match="no_such_package_xyz is not installed: pip install no-such-package"):
+        llm_loader.packaged_gguf("absent", tmp_path)
