@@ -5,7 +5,10 @@ STACK.md measured the recipe on a CPU with native bf16: LoRA on every linear pro
 token (or it never learns to stop), at least an epoch. The gate-made tool calls are in the
 prompt but not in the loss: the model never has to produce them. The same code trains a
 larger model from a local folder on CUDA (GLM-4, Qwen) in bf16 with gradient
-checkpointing; a tiny random GLM exercises that route in the tests. Training stops at a
+checkpointing; a tiny random GLM exercises that route in the tests. Where the tokenizer has
+the tool-call tags as single tokens (Qwen's `<tool_call>`), their embedding rows train too:
+STACK.md found them near-identical and under-trained in the GGUF-converted Qwen, and LoRA on
+the projections alone could not teach the model to emit them. Training stops at a
 time budget, checkpoints every few minutes and resumes, and ships the adapter (bf16
 safetensors, a few MB) with a model card.
 """
@@ -74,6 +77,12 @@ def encode(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int],
         ids += piece
         labels += piece if trained else [-100] * len(piece)
     return (ids, labels) if len(ids) <= max_tokens else None
+
+
+def call_tag_tokens(tokenizer) -> list[int]:
+    """Ids of `<tool_call>` and `</tool_call>` where each is one token of the vocabulary (else none)."""
+    pieces = [tokenizer(tag, add_special_tokens=False)["input_ids"] for tag in ("<tool_call>", "</tool_call>")]
+    return [piece[0] for piece in pieces if len(piece) == 1]
 
 
 def _load(cfg: LlmTrainConfig, device: str):
@@ -154,7 +163,9 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
         raise ValueError(f"no training conversations in {cfg.data}")
     out = Path(cfg.out) if cfg.out else default_adapter_dir(cfg.model)
     checkpoint = out.with_name(out.name + ".checkpoint")
-    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tags = call_tag_tokens(tokenizer)
+    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.05, target_modules="all-linear",
+                                            trainable_token_indices=tags or None, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / cfg.accumulate))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -195,7 +206,7 @@ def train_llm(cfg: LlmTrainConfig) -> dict:
               "minutes": round((time.time() - start) / 60, 1), "train_conversations": len(train), "val_conversations": len(val),
               "skipped_too_long": skipped, "final_train_loss": round(sum(running[-64:]) / max(len(running[-64:]), 1), 4),
               "val_loss_before": round(before, 4) if before is not None else None, "val_loss_after": round(_mean_loss(model, val[:40], device), 4) if val else None,
-              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), "trained_tag_tokens": tags}
     weights = save_adapter(model, out)
     write_model_card(weights, title=f"OphGLM LoRA adapter for {Path(str(cfg.model)).name}",
                      what="Teaches the chat model OphGLM's tool-call format and to answer only from the tools' results "
@@ -222,7 +233,7 @@ def cmd_train_llm(args) -> None:
 def add_train_llm_parser(train_subparsers) -> None:
     p = train_subparsers.add_parser("llm", help="LoRA-fine-tune the chat model on `ophglm data build` conversations")
     p.add_argument("--data", help="instruction data folder (default ./instructions)")
-    p.add_argument("--model", help="smollm2 (packaged) or a local transformers folder (GLM-4, Qwen, ... on CUDA)")
+    p.add_argument("--model", help="smollm2 or qwen2.5-coder-0.5b (packaged) or a local transformers folder (GLM-4, Qwen, ... on CUDA)")
     p.add_argument("--out", help="adapter folder (default agent/weights/<model>-lora)")
     p.add_argument("--init", help="continue training this adapter folder (same rank)")
     p.add_argument("--minutes", type=float)

@@ -72,3 +72,38 @@ def test_lora_trains_a_tiny_glm_and_the_adapter_loads(tmp_path, tokenizer):
     base = AutoModelForCausalLM.from_pretrained(folder)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     assert isinstance(merged, GlmForCausalLM)
+
+
+def test_single_token_call_tags_train_their_embedding_rows(tmp_path, tokenizer):
+    # Qwen's vocabulary has <tool_call> as one token whose row LoRA alone cannot move (STACK.md): a tiny
+    # random Qwen2 with tied embeddings and the tags added to the tokenizer stands in for it.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from ophglm.finetune.train_llm import call_tag_tokens
+
+    assert call_tag_tokens(tokenizer) == []  # SmolLM2 spells the tags in ordinary tokens: nothing extra trains
+    folder = tmp_path / "tiny-qwen"
+    tokenizer.save_pretrained(folder)
+    tagged = AutoTokenizer.from_pretrained(folder)
+    tagged.add_tokens(["<tool_call>", "</tool_call>"])
+    tagged.save_pretrained(folder)
+    tags = call_tag_tokens(tagged)
+    assert len(tags) == 2
+    config = Qwen2Config(vocab_size=len(tagged), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tagged.pad_token_id or 0)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    calling = [*CONVERSATION[:2], {**CONVERSATION[2], "train": True}, *CONVERSATION[3:]]  # the model writes the call itself
+    data = tmp_path / "instructions"
+    data.mkdir()
+    (data / "conversations.jsonl").write_text("".join(json.dumps({"kind": "photo", "split": s, "messages": calling}) + "\n" for s in ("train", "val")))
+    out = tmp_path / "adapter"
+    report = train_llm(LlmTrainConfig(data=str(data), model=str(folder), out=str(out), max_steps=3, accumulate=1, lr=1e-2, minutes=5, device="cpu"))
+    assert report["trained_tag_tokens"] == tags
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    rows_before = base.get_input_embeddings().weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    changed = (merged.get_input_embeddings().weight.detach() - rows_before).abs().sum(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(tags)  # only the tags' rows moved, and the tied output rows with them
+    assert torch.equal(merged.lm_head.weight, merged.get_input_embeddings().weight)
