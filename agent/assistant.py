@@ -36,6 +36,7 @@ from PIL import Image
 from ophglm import DISCLAIMER
 from ophglm.agent.grounding import CITATION, check_answer
 from ophglm.agent.triage import Triage, TriageFindings, triage
+from ophglm.knowledge.lexical import best_sentences
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
@@ -326,9 +327,14 @@ class Assistant:
         level = triage(self.session.findings)
         grounded = check_answer(final.text if final else "", evidence, passages, probabilities, checks_urgency=True,
                                 urgency=level and level.level, tool_descriptions=tuple(t.description for t in self.tools.values()))
-        # Nothing of the model's answer held: the person still gets this turn's findings, in the tools' own words.
+        # Nothing of the model's answer held: the person still gets this turn's findings in the tools' own words,
+        # or the retrieved sentences that best answer the question, quoted and cited.
         found = [c.summary for c in reply.tool_calls if c.ok and c.name not in ("search_knowledge", QUALITY_GATE, TRIAGE)]
-        reply.answer = grounded.text or ("What the tools found: " + " ".join(found) if found else "I could not produce an answer supported by the tool results.")
+        question = next((m.additional_kwargs.get("question", m.text) for m in reversed(history) if isinstance(m, HumanMessage)), "")
+        quoted = [] if found else best_sentences(question, [(c["id"], c.get("text", "")) for c in reply.citations])
+        reply.answer = (grounded.text or ("What the tools found: " + " ".join(found) if found else "")
+                        or ("What the knowledge base says: " + " ".join(f"{s[:-1]} [{pid}]{s[-1]}" for pid, s in quoted) if quoted else "")
+                        or "I could not produce an answer supported by the tool results.")
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:
             reply.answer += " (Some statements were removed because no tool result supported them.)"

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ophglm.knowledge.lexical import asked_aspects, tokenize
+
 K = 5  # passages retrieved per question: recall@5 is the headline figure
+SHOWN = 3  # passages search_knowledge shows the LLM (tools/search_knowledge.py)
 HALVES = ("tune", "holdout")
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval_questions.jsonl"
 
@@ -85,13 +88,20 @@ def evaluate_retrieval(index, questions_path: str | Path = DEFAULT_QUESTIONS) ->
     """
     questions = load_questions(questions_path)
     index.search(questions[0]["question"], k=K)
-    retrieved, latencies = [], []
+    retrieved, latencies, asked, answered = [], [], 0, 0
     for q in questions:
         start = time.perf_counter()
         passages = index.search(q["question"], k=K)
         latencies.append((time.perf_counter() - start) * 1000)
         retrieved.append([p.doc_id for p in passages])
-    return summarize_with_halves(questions, retrieved, latencies)
+        # A question whose words name an aspect ("how is it treated") should see that section of a relevant
+        # document among the passages search_knowledge shows the LLM.
+        if aspects := q["relevant"] and asked_aspects(tokenize(q["question"])):
+            asked += 1
+            answered += any(p.doc_id in q["relevant"] and p.section in aspects for p in passages[:SHOWN])
+    report = summarize_with_halves(questions, retrieved, latencies)
+    report["aspect_questions"], report["aspect_section_shown"] = asked, answered / asked if asked else None
+    return report
 
 
 def summarize_with_halves(questions: list[dict], retrieved: list[list[str]], latencies_ms: list[float] | None = None) -> dict:
@@ -110,7 +120,7 @@ def format_report(report: dict) -> str:
     columns = [("whole set", report), *((f"{n} half", report["halves"][n]) for n in HALVES if n in report.get("halves", {}))]
     rows = [("questions", "questions", "{:d}"), ("in scope", "in_scope", "{:d}"), ("out of scope", "out_of_scope", "{:d}"),
             ("recall@1", "recall@1", "{:.3f}"), ("recall@5", "recall@5", "{:.3f}"), ("MRR", "mrr", "{:.3f}"),
-            ("out-of-scope rejection", "oos_rejection", "{:.3f}"), ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
+            ("out-of-scope rejection", "oos_rejection", "{:.3f}"), (f"asked-for section in top {SHOWN}", "aspect_section_shown", "{:.3f}"), ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
             ("latency p95 (ms)", "latency_ms_p95", "{:.1f}")]
     width = max(len(label) for label, _, _ in rows) + 2
     lines = ["".ljust(width) + "".join(name.rjust(12) for name, _ in columns)]

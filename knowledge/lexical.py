@@ -81,6 +81,16 @@ def tokenize(text: str) -> list[str]:
     return [normalize(w) for w in words(text) if w not in STOPWORDS]
 
 
+def asked_aspects(tokens: list[str]) -> set[str]:
+    """The sections (aspects) a question's normalized tokens ask for."""
+    return {aspect for aspect, cues in _aspect_cue_tokens().items() if cues.intersection(tokens)}
+
+
+@lru_cache(maxsize=1)
+def _aspect_cue_tokens() -> dict[str, set[str]]:
+    return {aspect: {normalize(w) for w in cues.split()} for aspect, cues in ASPECT_CUES.items()}
+
+
 @lru_cache(maxsize=1)
 def english_words() -> frozenset[str]:
     """Whole words of MiniLM's WordPiece vocabulary: ordinary English, never "repaired".
@@ -243,7 +253,6 @@ class LexicalIndex:
         vocabulary = Counter(t for doc in corpus for t in doc)
         vocabulary.update({t: 1 for t in self.aliases.vocabulary() if t not in vocabulary})
         self.english = english_words()
-        self.aspect_cues = {aspect: {normalize(w) for w in cues.split()} for aspect, cues in ASPECT_CUES.items()}
         self.spelling = SpellingRepair(vocabulary, self.english)
 
     def _idf(self, token: str) -> float:
@@ -275,9 +284,33 @@ class LexicalIndex:
             elif word not in self.english and not word.isdigit():
                 jargon |= 0 < len(self.postings.get(token, ())) <= self.JARGON_MAX_CHUNKS
         alias_docs = self.aliases.match(question, all_tokens, tokens)
-        aspects = {aspect for aspect, cues in self.aspect_cues.items() if cues.intersection(tokens)}
-        return Query(tokens, repaired, alias_docs, self._coverage(tokens), jargon, aspects)
+        return Query(tokens, repaired, alias_docs, self._coverage(tokens), jargon, asked_aspects(tokens))
 
     def scores(self, tokens: list[str]) -> np.ndarray:
         return self.bm25.get_scores(tokens) if tokens else np.zeros(self.size, dtype=np.float32)
 
+
+
+QUOTE_MIN_SHARED = 2  # one shared word is a coincidence ("eye"), two name the topic
+
+
+def best_sentences(question: str, passages: list[tuple[str, str]], limit: int = 2) -> list[tuple[str, str]]:
+    """The passages' sentences that share the most topic words with the question, as (passage id, sentence), in reading order.
+
+    The reply quotes them when nothing of the LLM's own answer held: a verbatim, cited
+    sentence is grounded by construction. Words match on a shared start of five letters
+    ("treat" / "treatment"), as the light stemmer keeps them apart.
+    """
+    asked = set(tokenize(question))
+    scored = []
+    for rank, (pid, text) in enumerate(passages):
+        for position, sentence in enumerate(re.split(r"(?<=[.!?])\s+|\n+", text)):
+            sentence = sentence.strip(" -*#\t")
+            if len(sentence.split()) < 6 or not sentence.endswith((".", "!", "?")):
+                continue  # headings, list stubs and cut-off text read badly on their own
+            own = set(tokenize(sentence))
+            shared = sum(any(w == t or (min(len(w), len(t)) >= 5 and _shared_start(w, t) >= 5) for t in own) for w in asked)
+            if shared >= QUOTE_MIN_SHARED:
+                scored.append((-shared, rank, position, pid, sentence))
+    chosen = sorted(scored)[:limit]
+    return [(pid, sentence) for _, _, _, pid, sentence in sorted(chosen, key=lambda c: (c[1], c[2]))]

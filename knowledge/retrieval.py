@@ -97,6 +97,16 @@ class HybridRetriever:
         """The best k chunks by fused score, at most `max_per_doc` from one document."""
         f = fusion or self.fusion
         scores = self.scores(s, f)
+        if s.aspects:
+            # The section a question asks for ("how is wet AMD treated") joins its document's best
+            # chunk: the aspect bonus alone could not lift it past sections that repeat the
+            # document's name, and documents keep their order (their best chunk's score is unchanged).
+            best = {}
+            for i, chunk in enumerate(self.chunks):
+                best[chunk.doc_id] = max(best.get(chunk.doc_id, -np.inf), scores[i])
+            for i, chunk in enumerate(self.chunks):
+                if chunk.section in s.aspects:
+                    scores[i] = max(scores[i], best[chunk.doc_id] - 1e-4)
         picked, per_doc = [], Counter()
         for i in np.argsort(-scores, kind="stable"):
             doc = self.chunks[i].doc_id

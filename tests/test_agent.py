@@ -119,6 +119,31 @@ def test_an_answer_copied_from_a_tool_description_gives_way_to_the_findings(sett
     assert reply.answer.endswith("This is not a diagnosis: have an eye-care professional review the photograph.")
 
 
+def test_a_knowledge_answer_that_does_not_hold_gives_way_to_cited_sentences_of_the_passages(settings, tools):
+    # Session 6's evaluation: SmolLM2 answered "How do doctors treat wet macular degeneration?" with a tool's description.
+    copied = ("The referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives for what the tools "
+              "found in one photograph, with the rule's reason.")
+    assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=[copied]), tools=tools)
+    reply = assistant.ask("How is cataract surgery done?")
+    assert reply.answer.startswith("What the knowledge base says: ") and "OphGLM's rule table" not in reply.answer
+    quoted = re.findall(r"([^.!?]*?) \[([a-z_]+#[a-z-]+)\][.!?]", reply.answer.removeprefix("What the knowledge base says: "))
+    assert quoted and all(pid in {c["id"] for c in reply.citations} for _, pid in quoted)
+    for sentence, pid in quoted:  # verbatim from the passage it cites, and about the question
+        assert sentence.strip() in next(c["text"] for c in reply.citations if c["id"] == pid)
+    assert any("cataract" in s.lower() and "surg" in s.lower() for s, _ in quoted)
+
+
+def test_the_quoted_sentences_are_those_sharing_the_most_topic_words():
+    from ophglm.knowledge.lexical import best_sentences
+
+    passages = [("amd_wet#causes", "Wet macular degeneration comes from leaking new vessels under the macula. Smoking raises the risk."),
+                ("amd_wet#treatment", "## Treatment\nDoctors treat wet macular degeneration with anti-VEGF injections into the eye. Follow-up is monthly.")]
+    chosen = best_sentences("How do doctors treat wet macular degeneration?", passages, limit=1)
+    assert chosen == [("amd_wet#treatment", "Doctors treat wet macular degeneration with anti-VEGF injections into the eye.")]
+    assert [pid for pid, _ in best_sentences("How do doctors treat wet macular degeneration?", passages)] == ["amd_wet#causes", "amd_wet#treatment"]
+    assert best_sentences("What is the capital of France?", passages) == []  # nothing shares two topic words: no quote
+
+
 def test_a_follow_up_citing_an_earlier_turns_passage_carries_its_text(settings, tools):
     def cite_the_first_turns_passage(messages):
         searches = [re.findall(r"\[([a-z_]+#[a-z-]+)\]", m.text) for m in messages if isinstance(m, ToolMessage) and m.name == "search_knowledge"]

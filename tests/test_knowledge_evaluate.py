@@ -38,6 +38,7 @@ def test_metrics_on_a_tiny_question_file(tmp_path):
     assert {m["question"] for m in report["misses"]} == {"q3", "also off"}
     halves = report["halves"]
     assert set(halves) == {"tune", "holdout"} and sum(h["questions"] for h in halves.values()) == 5
+    assert report["aspect_questions"] == 0 and report["aspect_section_shown"] is None  # no question names an aspect
 
 
 def test_the_real_index_on_a_few_questions(tmp_path, knowledge_index):
@@ -46,6 +47,7 @@ def test_the_real_index_on_a_few_questions(tmp_path, knowledge_index):
             {"question": "how do I bake sourdough bread", "relevant": []}]
     report = evaluate_retrieval(knowledge_index, _write(tmp_path / "q.jsonl", rows))
     assert report["recall@5"] == 1.0 and report["oos_rejection"] == 1.0 and report["misses"] == []
+    assert (report["aspect_questions"], report["aspect_section_shown"]) == (2, 1.0)  # "treatment", "symptoms"
 
 
 @pytest.mark.parametrize("text, message", [('{"question": "x"}\n', r"q.jsonl:1"), ("not json\n", r"q.jsonl:1"), ("\n", "no questions")])

@@ -86,6 +86,14 @@ def test_an_abbreviation_reaches_the_right_section(knowledge_index):
     assert "retinal_vein_occlusion#treatment-and-prevention" in top_two
 
 
+def test_the_section_a_question_asks_for_joins_its_documents_best_passage(knowledge_index):
+    # The treatment section of wet AMD ranked below two sections that repeat "wet AMD" and
+    # "treatment", so search_knowledge's three passages never said how it is treated.
+    passages = knowledge_index.search("How do doctors treat wet macular degeneration?", k=3)
+    assert passages[0].doc_id == "amd_wet" and "amd_wet#treatment-and-prevention" in [p.id for p in passages[:2]]
+    assert "anti-vegf" in passages[[p.id for p in passages].index("amd_wet#treatment-and-prevention")].text.lower()
+
+
 @pytest.mark.parametrize("question", ["How do I bake sourdough bread?", "how do I treat a sprained ankle",
                                       "capital gains tax allowance this year", "python list comprehension with if else"])
 def test_off_topic_questions_find_nothing(knowledge_index, question):
