@@ -34,7 +34,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from PIL import Image
 
 from ophglm import DISCLAIMER
-from ophglm.agent.grounding import CITATION, check_answer
+from ophglm.agent.grounding import CITATION, NUMBER, check_answer
 from ophglm.agent.triage import Triage, TriageFindings, triage
 from ophglm.knowledge.lexical import best_sentences
 from ophglm.session import ImageError, Session, decode_image
@@ -335,6 +335,10 @@ class Assistant:
         reply.answer = (grounded.text or ("What the tools found: " + " ".join(found) if found else "")
                         or ("What the knowledge base says: " + " ".join(f"{s[:-1]} [{pid}]{s[-1]}" for pid, s in quoted) if quoted else "")
                         or "I could not produce an answer supported by the tool results.")
+        # A tool the question asked for by name ("the vessel density") answers it even where the LLM's sentence did not hold.
+        for call in reply.tool_calls:
+            if call.ok and call.name in ASKED_FOR and not set(NUMBER.findall(call.summary)) & set(NUMBER.findall(reply.answer)):
+                reply.answer += " " + call.summary
         reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
         if grounded.removed:
             reply.answer += " (Some statements were removed because no tool result supported them.)"
