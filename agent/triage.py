@@ -9,6 +9,7 @@ detachment) cannot raise a level: the "uncertain" reason says so when nothing ma
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,22 +69,23 @@ def _cdr(findings: dict) -> float:
     return disc.get("vertical_cdr", {}).get("value", 0.0) if disc.get("reliable") else 0.0
 
 
-# (rule id, level, condition over findings, reason)
+# (rule id, level, condition over findings, reason). A reason that rests on the classifier quotes
+# its probability, so the sentence is traceable (and checkable) wherever it is repeated.
 RULES: list[tuple[str, str, Callable[[dict], bool], str]] = [
     ("macular-exudates", "urgent", _macular_exudates,
      "hard exudates lie within one disc diameter of the fovea (possible macular oedema, sight-threatening): refer urgently"),
     ("dr-moderate-signs", "soon", lambda f: _p(f, "diabetic_retinopathy") >= 0.5 and (_count(f, "HE") >= 5 or _count(f, "SE") >= 1),
-     "diabetic retinopathy is likely and there are several haemorrhages or cotton-wool spots: refer to an eye clinic within weeks"),
+     "diabetic retinopathy is likely (classifier {diabetic_retinopathy:.2f}) and there are several haemorrhages or cotton-wool spots: refer to an eye clinic within weeks"),
     ("glaucoma-suspect", "soon", lambda f: _p(f, "glaucoma") >= GLAUCOMA_MIN,
-     "the optic disc looks glaucomatous: refer for eye pressure, optic nerve and visual field tests within weeks"),
+     "the classifier gives glaucoma {glaucoma:.2f}, a glaucoma suspect: refer for eye pressure, optic nerve and visual field tests within weeks"),
     ("large-cup", "soon", lambda f: _cdr(f) >= 0.7 and _p(f, "glaucoma") >= LARGE_CUP_MIN_GLAUCOMA,
      "the vertical cup-to-disc ratio is 0.7 or more: refer for an optic nerve assessment (eye pressure, visual field) within weeks"),
     ("pathologic-myopia", "soon", lambda f: _p(f, "pathologic_myopia") >= 0.5,
-     "signs of pathologic myopia: refer for a retinal examination (OCT) within weeks"),
+     "signs of pathologic myopia (classifier {pathologic_myopia:.2f}): refer for a retinal examination (OCT) within weeks"),
     ("dr-mild", "routine", lambda f: _p(f, "diabetic_retinopathy") >= 0.5,
-     "diabetic retinopathy is likely with few lesions: review at the next screening or as the eye service advises"),
+     "diabetic retinopathy is likely (classifier {diabetic_retinopathy:.2f}) with few lesions: review at the next screening or as the eye service advises"),
     ("cataract", "routine", lambda f: _p(f, "cataract") >= 0.5,
-     "the view is hazy as with cataract: routine referral if vision is affected"),
+     "the view is hazy as with cataract (classifier {cataract:.2f}): routine referral if vision is affected"),
     ("normal", "none", _looks_normal,
      "no referable disease was found: keep to the usual screening interval"),
 ]
@@ -95,7 +97,8 @@ def triage(findings: dict[str, Any]) -> Triage | None:
         return None
     for rule, level, condition, reason in RULES:
         if condition(findings):
-            return Triage(level, reason, rule)
+            probabilities = {c: p["value"] for c, p in findings["classify_fundus"].get("probabilities", {}).items()}
+            return Triage(level, reason.format_map(defaultdict(float, probabilities)), rule)
     return Triage("routine", "the findings are uncertain: have the photograph reviewed by an eye-care professional", "uncertain")
 
 

@@ -44,11 +44,17 @@ def load_image(ref: str, root: Path) -> Image.Image | Path:
     return path
 
 
-def groundedness(record: dict, evidence: list[str], cited_text: str) -> tuple[int, int]:
-    """(supported, total) numbers and disease names in the answer."""
+def groundedness(record: dict, evidence: list[str], cited_text: str, classified: dict | None = None) -> tuple[int, int]:
+    """(supported, total) numbers and disease names in the answer.
+
+    Evidence is every tool result of the conversation and the passages the answer cites (a
+    number quoted from a cited passage is grounded in it); `classified` is the conversation's
+    latest classifier findings, which a follow-up's answer (and its triage reason) rests on.
+    """
     answer = record["answer"]
-    allowed = supported_numbers(evidence)
-    probabilities = {c: p["value"] for c, p in record["findings"].get("classify_fundus", {}).get("probabilities", {}).items()}
+    allowed = supported_numbers([*evidence, cited_text])
+    classified = classified or record["findings"].get("classify_fundus", {})
+    probabilities = {c: p["value"] for c, p in classified.get("probabilities", {}).items()}
     supported = total = 0
     for sentence in SENTENCE.split(answer):
         numbers = len(NUMBER.findall(sentence))
@@ -102,7 +108,8 @@ def score(scenario: dict, replies: list[dict], tally: Tally) -> list[str]:
         tally.args_ok += sum("invalid arguments" not in c["summary"] for c in calls)
     evidence = [c["summary"] for r in replies for c in r["tool_calls"] if c["ok"]]
     cited = " ".join(c.get("text", "") for c in last["citations"] if f"[{c['id']}]" in last["answer"]).lower()
-    supported, total = groundedness(last, evidence, cited)
+    classified = next((r["findings"]["classify_fundus"] for r in reversed(replies) if "classify_fundus" in r["findings"]), None)
+    supported, total = groundedness(last, evidence, cited, classified)
     tally.grounded, tally.grounded_total = tally.grounded + supported, tally.grounded_total + total
     if supported < total:
         problems.append(f"ungrounded: {total - supported} of {total} numbers/diseases")

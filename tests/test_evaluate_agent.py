@@ -53,3 +53,12 @@ def test_groundedness_counts_invented_numbers_and_unsupported_diseases():
     supported, total = groundedness(record, ["glaucoma 0.81, cataract 0.05"], cited_text="")
     assert (supported, total) == (2, 4)  # 0.81 and glaucoma yes; 12 and cataract no
     assert groundedness(record, ["glaucoma 0.81, cataract 0.05"], cited_text="cataract clouds the lens")[0] == 3
+
+
+def test_groundedness_takes_numbers_from_cited_passages_and_a_follow_up_rests_on_earlier_findings():
+    quoted = {"answer": "Moderate NPDR is reviewed every 6 to 12 months [screening#a].", "findings": {}}
+    assert groundedness(quoted, [], cited_text="")[0] < groundedness(quoted, [], cited_text="moderate npdr every 6 to 12 months")[0]
+    follow_up = {"answer": "Reason: diabetic retinopathy is likely (classifier 0.81).", "findings": {}}
+    earlier = {"probabilities": {"diabetic_retinopathy": {"value": 0.81}}}
+    assert groundedness(follow_up, ["diabetic retinopathy 0.81"], "", earlier) == (2, 2)
+    assert groundedness(follow_up, ["diabetic retinopathy 0.81"], "")[0] == 1  # without them the disease name is unsupported
