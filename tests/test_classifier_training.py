@@ -42,4 +42,4 @@ def test_continued_training_keeps_the_commands_of_the_run_it_continued(tmp_path)
     assert config["reproduce"][1].endswith(f"--image-size 80 --minutes 0.02 --lr 0.0003 --pretrained {first}")
     card = second.with_suffix(".md").read_text()
     assert all(command in card for command in config["reproduce"])
-    assert f"initialised from {first}, itself trained by the first 1 of the commands under Reproduce" in card
+    assert f"initialised from {first}, itself trained by the command before the last under Reproduce" in card
