@@ -40,7 +40,7 @@ from ophglm.knowledge.lexical import best_sentences
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
-from ophglm.tools.classify_fundus import LABELS
+from ophglm.tools.classify_fundus import LABELS, probabilities_of
 
 SYSTEM_PROMPT = (
     "You are OphGLM, an assistant for eye-care questions and colour fundus photographs. "
@@ -323,7 +323,7 @@ class Assistant:
             reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
             reply.artifacts += artifact.get("artifacts", [])
         final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
-        probabilities = {c: p["value"] for c, p in self.session.findings.get("classify_fundus", {}).get("probabilities", {}).items()}
+        probabilities = probabilities_of(self.session.findings.get("classify_fundus", {}))
         level = triage(self.session.findings)
         grounded = check_answer(final.text if final else "", evidence, passages, probabilities, checks_urgency=True,
                                 urgency=level and level.level, tool_descriptions=tuple(t.description for t in self.tools.values()))

@@ -99,11 +99,11 @@ def save_fusion(projector: FusionProjector, path: Path, config: dict) -> None:
 
 
 def load_fusion(path: Path, weights_dir: str = "", device: str = "cpu") -> Fusion:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
+    from ophglm.tools.vision import weights_config
+
+    config = weights_config(path)
     encoder = ImageEncoder(weights_dir, device)
     if config.get("image_encoder_sha256", encoder.fingerprint) != encoder.fingerprint:
         # Features from other classifier weights are another language to the projector.

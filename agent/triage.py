@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ophglm.session import Session
 from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
+from ophglm.tools.classify_fundus import probabilities_of
 
 LEVELS = ("urgent", "soon", "routine", "none")
 
@@ -97,8 +98,7 @@ def triage(findings: dict[str, Any]) -> Triage | None:
         return None
     for rule, level, condition, reason in RULES:
         if condition(findings):
-            probabilities = {c: p["value"] for c, p in findings["classify_fundus"].get("probabilities", {}).items()}
-            return Triage(level, reason.format_map(defaultdict(float, probabilities)), rule)
+            return Triage(level, reason.format_map(defaultdict(float, probabilities_of(findings["classify_fundus"]))), rule)
     return Triage("routine", "the findings are uncertain: have the photograph reviewed by an eye-care professional", "uncertain")
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ophglm.agent.grounding import (DISEASE_NAMES, NUMBER, SENTENCE, classifier_supports, named_diseases, supported_numbers,
                                     unsupported_numbers)
+from ophglm.tools.classify_fundus import probabilities_of
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 
@@ -54,7 +55,7 @@ def groundedness(record: dict, evidence: list[str], cited_text: str, classified:
     answer = record["answer"]
     allowed = supported_numbers([*evidence, cited_text])
     classified = classified or record["findings"].get("classify_fundus", {})
-    probabilities = {c: p["value"] for c, p in classified.get("probabilities", {}).items()}
+    probabilities = probabilities_of(classified)
     supported = total = 0
     for sentence in SENTENCE.split(answer):
         numbers = len(NUMBER.findall(sentence))

@@ -24,7 +24,7 @@ from pydantic import PrivateAttr
 
 from ophglm.agent.local_model import to_chat_dicts
 from ophglm.agent.toolcalls import render_call
-from ophglm.tools.classify_fundus import LABELS
+from ophglm.tools.classify_fundus import LABELS, probabilities_of
 from ophglm.tools.segment_lesions import LESION_NAMES
 
 NOT_A_DIAGNOSIS = "This is not a diagnosis: an eye-care professional should review the photograph."
@@ -62,7 +62,7 @@ def knowledge_sentence(turn: list[BaseMessage], wanted: str | None = None) -> st
 
 
 def classifier_sentence(found: dict, asked: str | None) -> str:
-    probabilities = {c: p["value"] for c, p in found.get("probabilities", {}).items()}
+    probabilities = probabilities_of(found)
     top = found.get("most_likely")
     if asked and asked in probabilities and asked != top:
         return f"The classifier gives {LABELS.get(asked, asked)} a probability of {probabilities[asked]:.2f}; its most likely class is {LABELS.get(top, top)} ({probabilities[top]:.2f})."

@@ -31,7 +31,7 @@ from ophglm.finetune.datasets import CLASSIFIER_CLASSES, VALIDATION_PERCENT, Rec
 from ophglm.finetune.model_card import write_model_card
 from ophglm.finetune.metrics import auroc_per_class, classwise_calibration_error, expected_calibration_error, fit_platt, macro
 from ophglm.settings import cpu_has_native_bf16
-from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_classifier, fundus_square, save_weights
+from ophglm.tools.vision import IMAGENET_MEAN, IMAGENET_STD, create_classifier, fundus_square, save_weights, weights_config
 
 
 @dataclass
@@ -122,6 +122,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=1, persistent_workers=True)
     val_loader = torch.utils.data.DataLoader(val_set, 64)
 
+    commands = reproduce_commands(cfg)  # before --out, which may be the --pretrained file, is written
     pretrained = {"imagenet": True, "": False}.get(cfg.pretrained, cfg.pretrained)
     model = create_classifier(cfg.backbone, len(CLASSIFIER_CLASSES), pretrained)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -174,10 +175,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     report["macro_auroc"] = round(macro(report["auroc"]), 4)
     config = {"kind": "classifier", "backbone": cfg.backbone, "classes": list(CLASSIFIER_CLASSES), "outputs": "sigmoid",
               "image_size": cfg.image_size, "calibration": {"scale": scale, "bias": bias}, "validation": report, "recipe": asdict(cfg),
-              "reproduce": reproduce_commands(cfg)}
+              "reproduce": commands}
     save_weights(model, Path(cfg.out), config)
     Path(cfg.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    write_classifier_card(Path(cfg.out), cfg, report, config["reproduce"])
+    write_classifier_card(Path(cfg.out), cfg, report, commands)
     return report
 
 
@@ -191,10 +192,7 @@ def reproduce_commands(cfg: ClassifierConfig) -> list[str]:
         return [command + ("" if cfg.pretrained else " --pretrained ''")]
     earlier = []
     if cfg.pretrained.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(cfg.pretrained, "pt") as f:
-            metadata = json.loads((f.metadata() or {}).get("config", "{}"))
+        metadata = weights_config(Path(cfg.pretrained))
         earlier = metadata.get("reproduce", [])
         recipe = metadata.get("recipe", {})
         if not earlier and recipe.get("pretrained") in ("imagenet", ""):  # weights from before the metadata kept commands

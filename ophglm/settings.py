@@ -8,7 +8,6 @@ variables, each later source overriding the earlier one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -104,10 +103,9 @@ class Settings:
         shipped = packaged_llm_weights() / "fusion_projector.safetensors"
         if self.llm_backend != "local" or not shipped.is_file():
             return ""
-        from safetensors import safe_open
+        from ophglm.tools.vision import weights_config
 
-        with safe_open(str(shipped), "pt") as f:
-            config = json.loads(f.metadata()["config"])
+        config = weights_config(shipped)
         adapter = self.resolved_llm_adapter()
         if config["llm_model"] != self.llm_model or config["llm_adapter"] != (Path(adapter).name if adapter else ""):
             return ""

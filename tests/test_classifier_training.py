@@ -43,3 +43,9 @@ def test_continued_training_keeps_the_commands_of_the_run_it_continued(tmp_path)
     card = second.with_suffix(".md").read_text()
     assert all(command in card for command in config["reproduce"])
     assert f"initialised from {first}, itself trained by the command before the last under Reproduce" in card
+
+    # The card's own route: a run that writes over the checkpoint it continues from keeps the whole chain.
+    train_classifier(ClassifierConfig(data=str(root), out=str(second), image_size=80, batch_size=4, minutes=0.02, pretrained=str(second)))
+    load_weights.cache_clear()
+    chain = load_weights(second)[1]["reproduce"]
+    assert chain[:2] == config["reproduce"] and chain[2].endswith(f"--pretrained {second}") and len(chain) == 3

@@ -28,6 +28,11 @@ LABELS = {
 }
 
 
+def probabilities_of(found: dict) -> dict[str, float]:
+    """Class -> probability from this tool's findings ({} when it did not run)."""
+    return {c: p["value"] for c, p in found.get("probabilities", {}).items()}
+
+
 class ClassifyFundus(Tool):
     name = "classify_fundus"
     description = (

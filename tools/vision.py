@@ -187,16 +187,22 @@ def weights_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_config(path: Path) -> dict[str, Any]:
+    """The config a project weights file carries in its metadata ({} for a file without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("config", "{}"))
+
+
 @lru_cache(maxsize=8)
 def load_weights(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model its metadata describes and load it, once per process."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise FileNotFoundError(f"model weights not found: {path} (train them with `ophglm train ...`)")
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
+    config = weights_config(path)
     if config["kind"] == "classifier":
         model = create_classifier(config["backbone"], len(config["classes"]))
     else:
