@@ -19,6 +19,7 @@ SEGMENTER_CLASSES = ("MA", "HE", "EX", "SE", "OD")
 DISC_CUP_CLASSES = ("disc", "cup")
 VESSEL_CLASSES = ("vessel",)
 VALIDATION_PERCENT = 15
+EXACT_MASK_VALIDATION_PERCENT = 30  # of the photographs with exact full-resolution masks: 5 of IDRiD's 14
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,28 @@ class MaskedImage:
     masks: dict[str, Path]  # class -> binary mask PNG
     group: str
     fov: Path | None = None  # camera-aperture mask, where the dataset gives one (DRIVE)
+    exact: bool = False  # a whole full-resolution photograph with exact masks (crop to the aperture, area-resample the masks)
 
 
-def lesion_records(root: Path, folder: str = "idrid_512") -> list[MaskedImage]:
-    base = root / folder
-    records = []
+def _idrid_records(base: Path, exact: bool) -> dict[str, MaskedImage]:
+    records = {}
     for image in sorted((base / "images").glob("*.jpg")):
         masks = {c: base / "masks" / f"{image.stem}_{c}.png" for c in SEGMENTER_CLASSES}
         if all(p.is_file() for p in masks.values()):
-            records.append(MaskedImage(image, masks, f"idrid:{image.stem}"))
+            records[image.stem] = MaskedImage(image, masks, f"idrid:{image.stem}", exact=exact)
     return records
+
+
+def lesion_records(root: Path) -> list[MaskedImage]:
+    """IDRiD photographs with lesion masks: the exact full-resolution ones where present, else the 512 px approximations."""
+    return list((_idrid_records(root / "idrid_512", False) | _idrid_records(root / "idrid_fullres", True)).values())
+
+
+def lesion_split(record: MaskedImage) -> str:
+    """The hashed split, plus more of the rare exact-mask photographs held out: they are the only exact yardstick."""
+    if record.exact and split_of(record.group, EXACT_MASK_VALIDATION_PERCENT) == "val":
+        return "val"
+    return split_of(record.group)
 
 
 def disc_cup_records(root: Path) -> list[MaskedImage]:

@@ -66,8 +66,26 @@ def macro(scores: dict[str, float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+AUPR_LEVELS = 1 << 16  # probabilities binned this finely: far below any difference a figure reports
+
+
 def aupr(scores: np.ndarray, truth: np.ndarray) -> float:
-    return float(average_precision_score(truth.ravel(), scores.ravel())) if truth.any() else float("nan")
+    """Average precision (sklearn's definition: sum over thresholds of recall gained x precision there).
+
+    Pixel sets reach 50 million at 1024 px, where sorting took minutes per validation; scores
+    in [0, 1] are binned into AUPR_LEVELS thresholds and counted instead (linear time).
+    Scores outside [0, 1] (not probabilities) go to sklearn's exact computation.
+    """
+    truth, scores = truth.ravel().astype(bool), scores.ravel()
+    if not truth.any():
+        return float("nan")
+    if scores.min() < 0 or scores.max() > 1:
+        return float(average_precision_score(truth, scores))
+    bins = np.minimum((scores * AUPR_LEVELS).astype(np.int64), AUPR_LEVELS - 1)
+    positives = np.bincount(bins[truth], minlength=AUPR_LEVELS)[::-1].cumsum()  # at each threshold, from the highest
+    predicted = np.bincount(bins, minlength=AUPR_LEVELS)[::-1].cumsum()
+    gained = np.diff(positives, prepend=0)
+    return float((gained * positives / np.maximum(predicted, 1)).sum() / positives[-1])
 
 
 def pixel_auroc(scores: np.ndarray, truth: np.ndarray) -> float:

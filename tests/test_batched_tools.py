@@ -178,3 +178,23 @@ def test_lesion_masks_are_computed_once_when_both_examining_tools_run_at_once(to
     for thread in threads:
         thread.join()
     assert calls == [1]
+
+
+def test_every_vision_tool_crops_to_an_aperture_found_once_per_photograph(tools, fundus_images, monkeypatch):
+    """Finding the aperture costs about as much as the classifier's forward: a session finds it once, not per tool."""
+    import ophglm.tools.assess_quality as gate
+    import ophglm.tools.vision as vision
+    from ophglm.tools.classify_fundus import ClassifyFundus
+
+    found = []
+
+    def counted(image, real=vision.fundus_box):
+        found.append(image.size)
+        return real(image)
+    monkeypatch.setattr(gate, "fundus_box", counted)
+    monkeypatch.setattr(vision, "fundus_box", counted)
+    session = Session()
+    image_id = session.add_image(fundus_images[0])
+    for tool in (ClassifyFundus(), *tools.values()):
+        tool(session, image_id=image_id)
+    assert found == [fundus_images[0].size]

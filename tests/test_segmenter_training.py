@@ -77,3 +77,65 @@ def test_eval_vision_reports_what_the_lesion_tool_marks_on_unseen_normals(tmp_pa
     report = eval_lesions_on_normals(tmp_path, tool)
     assert report["images"] == 3 and set(report["by_source"]) == {"odir"}
     assert 0.0 <= report["marked_share"] <= 1.0 and report["marked_field_percent_median"] >= 0.0
+
+
+def test_exact_masks_keep_microaneurysms_a_few_pixels_across():
+    """Full-resolution masks shrink 4x: nearest sampling loses many 3 px spots, area sampling keeps every one."""
+    from ophglm.finetune.train_segmenter import exact_mask
+
+    rng = np.random.default_rng(0)
+    full = np.zeros((2000, 2000), np.uint8)
+    for y, x in rng.integers(100, 1900, (12, 2)):
+        full[y:y + 3, x:x + 3] = 255
+    mask = Image.fromarray(full)
+    kept = exact_mask(mask, (0, 0, 2000, 2000), 500)
+    from scipy import ndimage
+    assert ndimage.label(kept)[1] == 12
+    assert ndimage.label(np.asarray(mask.resize((500, 500), Image.NEAREST)) > 127)[1] < 12
+
+
+def _exact_photograph(folder, stem: str, seed: int) -> None:
+    """A synthetic 'full-resolution' photograph: the fundus inside a wider black frame, masks at the same size."""
+    fundus = make_synthetic_fundus(384, seed=seed)
+    frame = Image.new("RGB", (512, 400))
+    frame.paste(fundus.image, (64, 8))
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    frame.save(folder / "images" / f"{stem}.jpg")
+    for c in SEGMENTER_CLASSES:
+        mask = Image.new("L", frame.size)
+        mask.paste(Image.fromarray(fundus.masks[c].astype(np.uint8) * 255), (64, 8))
+        mask.save(folder / "masks" / f"{stem}_{c}.png")
+
+
+def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path):
+    from ophglm.finetune.datasets import EXACT_MASK_VALIDATION_PERCENT, lesion_records, lesion_split
+    from ophglm.finetune.evaluate_vision import eval_lesions
+    from ophglm.tools.segment_lesions import SegmentLesions
+
+    root = tmp_path / "data"
+    train = _names("IDRiD_", "train", 2, lambda s: f"idrid:{s}")
+    held_out = next(s for s in _names("IDRiD_", "train", 40, lambda s: f"idrid:{s}") if split_of(f"idrid:{s}", EXACT_MASK_VALIDATION_PERCENT) == "val")
+    approximate_val = _names("IDRiD_", "val", 1, lambda s: f"idrid:{s}")[0]
+    for seed, stem in enumerate([*train, approximate_val]):
+        fundus = make_synthetic_fundus(512, seed=seed)
+        (root / "idrid_512" / "masks").mkdir(parents=True, exist_ok=True)
+        (root / "idrid_512" / "images").mkdir(exist_ok=True)
+        fundus.image.save(root / "idrid_512" / "images" / f"{stem}.jpg")
+        for c in SEGMENTER_CLASSES:
+            Image.fromarray(fundus.masks[c].astype(np.uint8) * 255).save(root / "idrid_512" / "masks" / f"{stem}_{c}.png")
+    _exact_photograph(root / "idrid_fullres", held_out, 7)
+    records = {r.image.stem: r for r in lesion_records(root)}
+    assert records[held_out].exact and lesion_split(records[held_out]) == "val", "exact photographs are held out more often"
+
+    out = tmp_path / "lesions.safetensors"
+    report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0, image_size=256))
+    assert report["validation_images"] == 2 and report["exact_mask_images"] == 1
+    assert set(report["aupr_exact_masks"]) == set(SEGMENTER_CLASSES)
+    assert load_weights(out)[1]["image_size"] == 256 and "--image-size 256" in out.with_suffix(".md").read_text()
+
+    tool = SegmentLesions()
+    tool.setup()
+    scores = eval_lesions(root, tool)
+    assert scores["exact_masks_full_resolution"]["images"] == 1 and scores["approximate_masks_512px"]["images"] == 1
+    assert all(0.0 <= v <= 1.0 for v in scores["exact_masks_full_resolution"]["aupr"].values() if v == v)
