@@ -114,9 +114,12 @@ def lesion_records(root: Path) -> list[MaskedImage]:
     return list((_idrid_records(root / "idrid_512", False) | _idrid_records(root / "idrid_fullres", True)).values())
 
 
-def lesion_split(record: MaskedImage) -> str:
-    """The hashed split, plus more of the rare exact-mask photographs held out: they are the only exact yardstick."""
-    if record.exact and split_of(record.group, EXACT_MASK_VALIDATION_PERCENT) == "val":
+def lesion_split(record: MaskedImage, exact_percent: int = EXACT_MASK_VALIDATION_PERCENT) -> str:
+    """The hashed split, plus more of the rare exact-mask photographs held out: they are the only exact yardstick.
+
+    Weights record the `exact_percent` they were trained with (0: weights from before it existed).
+    """
+    if exact_percent and record.exact and split_of(record.group, exact_percent) == "val":
         return "val"
     return split_of(record.group)
 

@@ -93,9 +93,11 @@ def eval_lesions(root: Path, tool: SegmentLesions) -> dict | None:
 
     Exact masks (idrid_fullres) are compared at the photograph's full resolution, the
     probabilities upsampled to it, as the IDRiD challenge scored; the approximate 512 px
-    masks of the other unseen photographs at 512 px.
+    masks of the other unseen photographs at 512 px. Unseen by these weights: the split
+    their training used (older weights held out fewer exact-mask photographs).
     """
-    unseen = [r for r in lesion_records(root) if lesion_split(r) == "val"]
+    exact_percent = tool.config.get("exact_mask_validation_percent", 0)
+    unseen = [r for r in lesion_records(root) if lesion_split(r, exact_percent) == "val"]
     if not unseen:
         return None
     size, exact, approximate = tool.config["image_size"], [], []

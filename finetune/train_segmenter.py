@@ -323,6 +323,8 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
                    **_marks_on_normals(probs[~annotated], val_valid[~annotated], task, thresholds)}
     config = {"kind": "segmenter", "task": cfg.task, "encoder": cfg.encoder, "classes": list(task.classes),
               "image_size": size, "thresholds": thresholds, "validation": report, "recipe": asdict(cfg)}
+    if task.split is lesion_split:  # which photographs these weights never saw: `ophglm eval vision` scores only those
+        config["exact_mask_validation_percent"] = EXACT_MASK_VALIDATION_PERCENT
     if "disc" in task.classes:  # how tightly the training crops frame the disc: inference crops the same way
         areas = train_y[:, task.classes.index("disc")].sum(axis=(1, 2))
         config["crop_to_disc_diameter"] = round(float(np.median(size / (2 * np.sqrt(areas[areas > 0] / np.pi)))), 3)

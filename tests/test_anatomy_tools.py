@@ -106,5 +106,5 @@ def test_the_disc_measurement_reuses_the_lesion_masks_of_the_same_photograph(mon
     segmenter, disc_tool = SegmentLesions(), MeasureOpticDisc()
     segmenter(session, image_id=image_id)
     disc_tool.ensure_setup()
-    monkeypatch.setattr(disc_tool.locator, "masks_batch", lambda images: pytest.fail("the lesion Unet ran a second time"))
+    monkeypatch.setattr(disc_tool.locator, "masks_batch", lambda *args: pytest.fail("the lesion Unet ran a second time"))
     assert disc_tool(session, image_id=image_id).findings["vertical_cdr"]["unit"] == "ratio"

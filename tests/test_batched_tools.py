@@ -163,10 +163,10 @@ def test_lesion_masks_are_computed_once_when_both_examining_tools_run_at_once(to
     lesions, disc = tools["segment_lesions"], tools["measure_optic_disc"]
     real, calls = lesions.masks_batch, []
 
-    def slow_masks(images):
+    def slow_masks(images, boxes=None):
         calls.append(len(images))
         time.sleep(0.3)  # long enough that the other thread asks while these are computed
-        return real(images)
+        return real(images, boxes)
 
     monkeypatch.setattr(lesions, "masks_batch", slow_masks)
     monkeypatch.setattr(disc.locator, "masks_batch", slow_masks)

@@ -128,14 +128,18 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     records = {r.image.stem: r for r in lesion_records(root)}
     assert records[held_out].exact and lesion_split(records[held_out]) == "val", "exact photographs are held out more often"
 
-    out = tmp_path / "lesions.safetensors"
+    out = tmp_path / "fundus_lesions.safetensors"
     report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0, image_size=256))
     assert report["validation_images"] == 2 and report["exact_mask_images"] == 1
     assert set(report["aupr_exact_masks"]) == set(SEGMENTER_CLASSES)
-    assert load_weights(out)[1]["image_size"] == 256 and "--image-size 256" in out.with_suffix(".md").read_text()
+    config = load_weights(out)[1]
+    assert config["image_size"] == 256 and "--image-size 256" in out.with_suffix(".md").read_text()
+    assert config["exact_mask_validation_percent"] == EXACT_MASK_VALIDATION_PERCENT
 
-    tool = SegmentLesions()
+    tool = SegmentLesions(weights_dir=str(tmp_path))
     tool.setup()
     scores = eval_lesions(root, tool)
     assert scores["exact_masks_full_resolution"]["images"] == 1 and scores["approximate_masks_512px"]["images"] == 1
     assert all(0.0 <= v <= 1.0 for v in scores["exact_masks_full_resolution"]["aupr"].values() if v == v)
+    tool.config = {k: v for k, v in config.items() if k != "exact_mask_validation_percent"}  # older weights had trained on it
+    assert "exact_masks_full_resolution" not in eval_lesions(root, tool)
