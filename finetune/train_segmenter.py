@@ -61,7 +61,7 @@ class SegmentationTask:
 
 TASKS = {
     "lesions": SegmentationTask(
-        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 1024, 256, 4, False, lesion_split,
+        SEGMENTER_CLASSES, lesion_records, "tools/weights/fundus_lesions.safetensors", 512, 256, 4, False, lesion_split,
         f"a fixed {VALIDATION_PERCENT}% of the photographs by hashed id, and {EXACT_MASK_VALIDATION_PERCENT}% of those with exact "
         "full-resolution masks (the only exact yardstick)", 4,
         "Fundus lesion and optic-disc segmenter",
