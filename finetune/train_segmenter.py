@@ -39,7 +39,7 @@ from ophglm.finetune.model_card import write_model_card
 from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.segment_lesions import without_specks
 from ophglm.tools.vision import (IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fov_mask, fundus_box, fundus_square, load_weights,
-                                save_weights, square_crop)
+                                save_weights, square_crop, weights_config)
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,10 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     size = cfg.image_size or task.image_size
     if size < task.crop or size % 32:
         raise ValueError(f"--image-size must be a multiple of 32 and at least the {task.crop} px training crop, not {size}")
+    if cfg.init and task.split is lesion_split and any(r.exact for r in records) \
+            and weights_config(Path(cfg.init)).get("exact_mask_validation_percent") != EXACT_MASK_VALIDATION_PERCENT:
+        raise ValueError(f"{cfg.init} was trained with another validation split (before exact-mask photographs were held out): "
+                         "continuing it would validate on photographs it trained on; train from ImageNet instead")
     train = [r for r in records if task.split(r) == "train"]
     val = [r for r in records if task.split(r) == "val"]
     train_x, train_y, _ = _load(train, task, size)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from ophglm.finetune.datasets import SEGMENTER_CLASSES, split_of
 from ophglm.finetune.train_segmenter import SegmenterConfig, _loss, normal_photographs, train_segmenter
 from ophglm.tools.synthetic_fundus import make_synthetic_fundus
-from ophglm.tools.vision import load_weights
+from ophglm.tools.segment_lesions import SEGMENTER_FILE
+from ophglm.tools.vision import load_weights, weights_path
 
 
 def test_loss_ignores_the_channels_a_crop_does_not_know():
@@ -135,6 +137,8 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     config = load_weights(out)[1]
     assert config["image_size"] == 256 and "--image-size 256" in out.with_suffix(".md").read_text()
     assert config["exact_mask_validation_percent"] == EXACT_MASK_VALIDATION_PERCENT
+    with pytest.raises(ValueError, match="another validation split"):  # weights that trained on the held-out exact photographs
+        train_segmenter(SegmenterConfig(data=str(root), out=str(tmp_path / "x.safetensors"), init=str(weights_path(SEGMENTER_FILE)), minutes=0.01))
 
     tool = SegmentLesions(weights_dir=str(tmp_path))
     tool.setup()
