@@ -126,3 +126,17 @@ def test_tiled_forward_blends_overlapping_tiles_into_the_whole_image_output():
     assert error.max() < 0.1 * whole.abs().max() and error.mean() < 0.01 * whole.abs().mean()
     with pytest.raises(ValueError, match="overlap"):
         tiled_forward(pointwise, batch, 64, 64)
+
+
+def test_tiled_forward_keeps_its_work_on_the_batch_device():
+    import torch
+
+    from ophglm.tools.vision import tiled_forward
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    local = torch.nn.Conv2d(3, 2, 3, padding=1)
+    batch = torch.randn(1, 3, 200, 160)
+    on_gpu = tiled_forward(local.cuda(), batch.cuda(), 64, 16)
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu.cpu(), tiled_forward(local.cpu(), batch, 64, 16), atol=1e-4)

@@ -105,16 +105,16 @@ def tiled_forward(model: torch.nn.Module, batch: torch.Tensor, tile: int, overla
     def starts(length: int) -> list[int]:
         return sorted({*range(0, max(length - tile, 0), tile - overlap), max(length - tile, 0)})
 
-    edge = torch.arange(tile, dtype=torch.float32)
+    edge = torch.arange(tile, dtype=torch.float32, device=batch.device)
     ramp = (torch.minimum(edge + 1, tile - edge).clamp(max=overlap) / overlap)
     weight = ramp[:, None] * ramp[None, :]
-    out, total = None, torch.zeros(height, width)
+    out, total = None, torch.zeros(height, width, device=batch.device)
     for top in starts(height):
         for left in starts(width):
             logits = model(batch[:, :, top:top + tile, left:left + tile]).float()
             h, w = logits.shape[-2:]
             if out is None:
-                out = torch.zeros(n, logits.shape[1], height, width)
+                out = torch.zeros(n, logits.shape[1], height, width, device=batch.device)
             out[:, :, top:top + h, left:left + w] += logits * weight[:h, :w]
             total[top:top + h, left:left + w] += weight[:h, :w]
     return out / total
