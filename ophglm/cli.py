@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--task", choices=["lesions", "disc_cup", "vessels"], help="which Unet (default lesions)")
             t.add_argument("--negative-share", type=float, help="share of each batch cropped from normal photographs (lesions; default 0.25, 0 for none)")
             t.add_argument("--image-size", type=int, help="fundus-square side the tool segments at (default: lesions and vessels 512, disc_cup 256; above 1024 the tool tiles)")
+            t.add_argument("--crop", type=int, help="training crop side at that size (default 256); scale it with --image-size to keep the context")
+            t.add_argument("--batch-size", type=int, help="crops per step (default 8)")
         t.set_defaults(func=cmd_train)
     from ophglm.finetune.fusion import add_fusion_parsers
     from ophglm.finetune.train_llm import add_train_llm_parser

@@ -131,11 +131,13 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     assert records[held_out].exact and lesion_split(records[held_out]) == "val", "exact photographs are held out more often"
 
     out = tmp_path / "fundus_lesions.safetensors"
-    report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0, image_size=256))
+    report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0, image_size=256, crop=128))
     assert report["validation_images"] == 2 and report["exact_mask_images"] == 1
     assert set(report["aupr_exact_masks"]) == set(SEGMENTER_CLASSES)
     config = load_weights(out)[1]
-    assert config["image_size"] == 256 and "--image-size 256" in out.with_suffix(".md").read_text()
+    assert config["image_size"] == 256 and "--image-size 256 --crop 128" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="--crop must be"):
+        train_segmenter(SegmenterConfig(data=str(root), out=str(tmp_path / "x.safetensors"), crop=100, minutes=0.01))
     assert config["exact_mask_validation_percent"] == EXACT_MASK_VALIDATION_PERCENT
     with pytest.raises(ValueError, match="another validation split"):  # weights that trained on the held-out exact photographs
         train_segmenter(SegmenterConfig(data=str(root), out=str(tmp_path / "x.safetensors"), init=str(weights_path(SEGMENTER_FILE)), minutes=0.01))
