@@ -56,7 +56,7 @@ def cmd_analyze(args) -> None:
     level = triage(findings)
     overlay = None
     if args.overlay and "overlay" in findings["segment_lesions"]:
-        Path(args.overlay).write_bytes(session.artifacts[findings["segment_lesions"]["overlay"]])
+        Path(args.overlay).write_bytes(bytes(session.artifacts[findings["segment_lesions"]["overlay"]]))
         overlay = str(args.overlay)
     if args.json:
         _print_json({"image": str(args.path), "image_id": image_id, "findings": findings, "triage": level, "overlay": overlay, "disclaimer": DISCLAIMER})

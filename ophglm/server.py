@@ -255,7 +255,7 @@ def create_app(settings: Settings, assistant_factory: AssistantFactory | None = 
         if artifact_id not in stored:
             raise _fail(404, f"unknown artifact {artifact_id!r} in session {session_id} (known: {', '.join(stored) or 'none'}; "
                              "pictures live in memory only and are gone after a server restart)")
-        return Response(stored[artifact_id], media_type="image/png")
+        return Response(bytes(stored[artifact_id]), media_type="image/png")
 
     app.include_router(api)
     return app

@@ -84,7 +84,7 @@ class Session:
     """One conversation: its images (by id), tool artifacts and findings."""
 
     images: dict[str, Image.Image] = field(default_factory=dict)
-    artifacts: dict[str, bytes] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # or tools.base.Artifact, drawn when read: use bytes()
     findings: dict[str, dict] = field(default_factory=dict)
     # What tools computed from a photograph and other tools reuse, by (kind, image_id): the
     # quality gate's verdict, the lesion masks the disc measurement starts from.

@@ -45,7 +45,7 @@ def test_image_turn_runs_the_examination_then_answers_grounded(settings, tools, 
     probs = reply.findings["classify_fundus"]["probabilities"]
     assert all(p["unit"] == "probability" and 0 <= p["value"] <= 1 for p in probs.values())
     assert reply.findings["segment_lesions"]["lesions"]["HE"]["area"]["unit"] == "% of field of view"
-    assert reply.artifacts and assistant.session.artifacts[reply.artifacts[0]].startswith(b"\x89PNG")
+    assert reply.artifacts and bytes(assistant.session.artifacts[reply.artifacts[0]]).startswith(b"\x89PNG")
     # the invented cup-to-disc ratio is removed; the supported sentence with its citation stays
     assert "7.77" not in reply.answer and "probability of" in reply.answer
     assert any("number 7.77 not in any tool result" in n for n in reply.notes)

@@ -156,7 +156,7 @@ class _ToolServerStub(BaseHTTPRequestHandler):
         except Exception as err:
             return self._send(422, {"detail": str(err)})
         self._send(200, {"summary": result.summary, "findings": result.findings, "citations": result.citations,
-                         "artifacts": {k: base64.b64encode(v).decode() for k, v in result.artifacts.items()}})
+                         "artifacts": {k: base64.b64encode(bytes(v)).decode() for k, v in result.artifacts.items()}})
 
     def log_message(self, *args):
         pass

@@ -54,17 +54,23 @@ def test_classifier_probabilities_are_calibrated_and_batched(classifier):
         assert max(abs(b[c] - s[c]) for c in b) < 1e-4
 
 
-def test_segmenter_reports_units_and_an_overlay(segmenter):
+def test_segmenter_reports_units_and_an_overlay_drawn_once_when_read(segmenter, monkeypatch):
+    from ophglm.tools import segment_lesions
+
+    drawn, real = [], segment_lesions.overlay_png
+    monkeypatch.setattr(segment_lesions, "overlay_png", lambda *a: drawn.append(1) or real(*a))
     fundus = make_synthetic_fundus(768, seed=3)
     session = Session()
     image_id = session.add_image(fundus.image)
     result = segmenter(session, image_id=image_id)
+    assert not drawn, "nobody asked for the overlay yet"
+    assert bytes(result.artifacts[result.findings["overlay"]]) == bytes(result.artifacts[result.findings["overlay"]]) and len(drawn) == 1
     lesions = result.findings["lesions"]
     assert set(lesions) == {"MA", "HE", "EX", "SE"}
     for finding in lesions.values():
         assert finding["count"]["unit"] == "lesions" and finding["area"]["unit"] == "% of field of view"
         assert finding["count"]["value"] >= 0 and 0 <= finding["area"]["value"] <= 100
-    overlay = Image.open(io.BytesIO(result.artifacts[result.findings["overlay"]]))
+    overlay = Image.open(io.BytesIO(bytes(result.artifacts[result.findings["overlay"]])))
     assert overlay.format == "PNG" and overlay.size == (512, 512)
 
 
@@ -140,3 +146,19 @@ def test_tiled_forward_keeps_its_work_on_the_batch_device():
     on_gpu = tiled_forward(local.cuda(), batch.cuda(), 64, 16)
     assert on_gpu.device.type == "cuda"
     assert torch.allclose(on_gpu.cpu(), tiled_forward(local.cpu(), batch, 64, 16), atol=1e-4)
+
+
+def test_eval_vision_speed_compares_each_tool_call_with_its_bare_forward(classifier, segmenter):
+    from ophglm.finetune.evaluate_vision import eval_speed
+    from ophglm.tools.anatomy import MeasureOpticDisc, MeasureVessels
+    from ophglm.tools.assess_quality import AssessQuality
+
+    tools = {"assess_quality": AssessQuality(), "classify_fundus": classifier, "segment_lesions": segmenter,
+             "measure_optic_disc": MeasureOpticDisc(), "measure_vessels": MeasureVessels()}
+    for tool in tools.values():
+        tool.setup()
+    report = eval_speed(tools, make_synthetic_fundus(768, seed=4).image, repeats=1)
+    assert set(report) == set(tools) and all(r["tool_images_per_second"] > 0 for r in report.values())
+    for name in ("classify_fundus", "segment_lesions", "measure_vessels"):  # the three with one network of their own
+        assert report[name]["forward_images_per_second"] > 0 and report[name]["tool_over_forward_time"] > 0, report[name]
+    assert "forward_images_per_second" not in report["measure_optic_disc"]  # two networks, up to three rounds: no one forward

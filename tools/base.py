@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -26,14 +26,31 @@ class ToolError(RuntimeError):
     """A tool could not produce a result; the message is shown to the LLM and the person."""
 
 
+class Artifact:
+    """A picture rendered the first time someone reads it (`bytes(artifact)`), once.
+
+    The lesion overlay costs a tenth of the network's time to draw and encode, and most
+    are never opened: the LLM never sees them, the person opens one on request.
+    """
+
+    def __init__(self, render: Callable[[], bytes]):
+        self._render, self._data, self._lock = render, None, threading.Lock()
+
+    def __bytes__(self) -> bytes:
+        with self._lock:
+            if self._data is None:
+                self._data, self._render = self._render(), None  # the inputs it held (masks) can go
+            return self._data
+
+
 @dataclass
 class ToolResult:
     # Short text for the LLM: every number in it has a unit.
     summary: str
     # Structured findings (JSON-able, numbers with units) that answers are checked against.
     findings: dict[str, Any] = field(default_factory=dict)
-    # Files for the person (overlay PNGs), stored in the session, never put in the prompt.
-    artifacts: dict[str, bytes] = field(default_factory=dict)
+    # Files for the person (overlay PNGs), stored in the session, never put in the prompt; read them with bytes().
+    artifacts: dict[str, bytes | Artifact] = field(default_factory=dict)
     # Knowledge passages this result rests on: {"id", "doc_id", "section", "title", "text"}.
     citations: list[dict[str, Any]] = field(default_factory=list)
 

@@ -73,7 +73,7 @@ def _run_tool(tool: Tool, session: Session, arguments: dict) -> types.CallToolRe
     session.artifacts.update(result.artifacts)
     content: list = [types.TextContent(type="text", text=result.summary)]
     # Overlays go back as images an MCP client can show; their id is what the findings refer to.
-    content += [types.ImageContent(type="image", data=base64.b64encode(png).decode(), mimeType="image/png", _meta={"artifact_id": key})
+    content += [types.ImageContent(type="image", data=base64.b64encode(bytes(png)).decode(), mimeType="image/png", _meta={"artifact_id": key})
                 for key, png in result.artifacts.items()]
     return types.CallToolResult(content=content, structuredContent={"findings": result.findings, "citations": result.citations})
 

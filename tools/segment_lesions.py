@@ -21,7 +21,7 @@ from scipy import ndimage
 from ophglm.session import Session
 from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.assess_quality import gradable_photo
-from ophglm.tools.base import ImageInput, Tool, ToolResult
+from ophglm.tools.base import Artifact, ImageInput, Tool, ToolResult
 from ophglm.tools.measurements import MACULA_RADIUS_DD, find_disc, locate_fovea, nearest_distance_dd
 from ophglm.tools.vision import fov_mask, fundus_square, load_weights, tiled_forward, to_tensor, weights_path
 
@@ -170,4 +170,4 @@ class SegmentLesions(Tool):
         overlay_id = f"overlay-{image_id}"
         findings["overlay"] = overlay_id
         summary = f"Lesions in {image_id}: " + "; ".join(parts) + f". Overlay saved as {overlay_id}."
-        return ToolResult(summary=summary, findings=findings, artifacts={overlay_id: overlay_png(square, masks)})
+        return ToolResult(summary=summary, findings=findings, artifacts={overlay_id: Artifact(lambda: overlay_png(square, masks))})

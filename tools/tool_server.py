@@ -56,7 +56,7 @@ def _failure(status: int, message: str) -> JSONResponse:
 
 def _encode(result: ToolResult) -> dict:
     return {"summary": result.summary, "findings": result.findings, "citations": result.citations,
-            "artifacts": {key: base64.b64encode(data).decode() for key, data in result.artifacts.items()}}
+            "artifacts": {key: base64.b64encode(bytes(data)).decode() for key, data in result.artifacts.items()}}
 
 
 class ToolsAPI(litserve.LitAPI):
