@@ -1,5 +1,5 @@
 """Diagnostic tools behind one contract (`Tool`), and their registry."""
 
-from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
+from ophglm.tools.base import Artifact, ImageInput, Tool, ToolError, ToolResult
 
-__all__ = ["ImageInput", "Tool", "ToolError", "ToolResult"]
+__all__ = ["Artifact", "ImageInput", "Tool", "ToolError", "ToolResult"]
