@@ -46,7 +46,7 @@ def locate_fovea(square: Image.Image, disc: Disc, field: np.ndarray) -> tuple[fl
     """The darkest smoothed spot in the annulus 1.8-3.2 DD from the disc, on the side towards the field's centre.
 
     Computed on the window that can hold the annulus (plus the blur's and erosion's reach,
-    so the result is the whole-image one): a tenth of the pixels, a fifth of the time.
+    so the result is the whole-image one): a third of the time.
     """
     dd, (h, w) = disc.diameter, field.shape
     columns = field.sum(axis=0)
