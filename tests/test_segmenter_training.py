@@ -59,7 +59,7 @@ def test_lesion_training_uses_normals_and_reports_marks_on_them(tmp_path):
     assert set(report["aupr_with_normals"]) == set(SEGMENTER_CLASSES)
     model, config = load_weights(out)
     assert config["recipe"]["negative_share"] == 0.5 and config["classes"] == list(SEGMENTER_CLASSES)
-    assert "--negative-share 0.5" in out.with_suffix(".md").read_text()
+    assert "--negative-share 0.5 --image-size 512 --crop 256" in out.with_suffix(".md").read_text(), "the card says the defaults it ran with"
     # Without normals in training, validation still says how much the weights mark on healthy eyes.
     report = train_segmenter(SegmenterConfig(data=str(root), out=str(out), batch_size=2, minutes=0.05, negative_share=0))
     assert report["train_normals"] == 0 and report["validation_normals"] == 2 and "normals_marked_share" in report
@@ -136,9 +136,9 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     assert set(report["aupr_exact_masks"]) == set(SEGMENTER_CLASSES)
     config = load_weights(out)[1]
     assert config["image_size"] == 256 and "--image-size 256 --crop 128" in out.with_suffix(".md").read_text()
+    assert config["exact_mask_validation_percent"] == EXACT_MASK_VALIDATION_PERCENT
     with pytest.raises(ValueError, match="--crop must be"):
         train_segmenter(SegmenterConfig(data=str(root), out=str(tmp_path / "x.safetensors"), crop=100, minutes=0.01))
-    assert config["exact_mask_validation_percent"] == EXACT_MASK_VALIDATION_PERCENT
     with pytest.raises(ValueError, match="another validation split"):  # weights that trained on the held-out exact photographs
         train_segmenter(SegmenterConfig(data=str(root), out=str(tmp_path / "x.safetensors"), init=str(weights_path(SEGMENTER_FILE)), minutes=0.01))
 

@@ -13,34 +13,17 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from ophglm.session import Session
+from ophglm.session import Artifact, Session
 
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{2,63}$")
 
 
 class ToolError(RuntimeError):
     """A tool could not produce a result; the message is shown to the LLM and the person."""
-
-
-class Artifact:
-    """A picture rendered the first time someone reads it (`bytes(artifact)`), once.
-
-    The lesion overlay costs a tenth of the network's time to draw and encode, and most
-    are never opened: the LLM never sees them, the person opens one on request.
-    """
-
-    def __init__(self, render: Callable[[], bytes]):
-        self._render, self._data, self._lock = render, None, threading.Lock()
-
-    def __bytes__(self) -> bytes:
-        with self._lock:
-            if self._data is None:
-                self._data, self._render = self._render(), None  # the inputs it held (masks) can go
-            return self._data
 
 
 @dataclass
