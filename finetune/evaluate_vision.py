@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from ophglm.tools.measurements import vertical_cdr
 from ophglm.tools.non_fundus import non_fundus_images
 from ophglm.tools.segment_lesions import LESION_NAMES, SegmentLesions
 from ophglm.tools.synthetic_fundus import make_synthetic_fundus
-from ophglm.tools.vision import fov_mask, fundus_box, fundus_square, square_crop, to_tensor
+from ophglm.tools.vision import as_photo, fov_mask, fundus_box, fundus_square, square_crop, to_tensor
 
 GATE_SEED = 1  # the thresholds were chosen on seed 0
 
@@ -132,9 +133,9 @@ def eval_lesions_on_normals(root: Path, tool: SegmentLesions) -> dict | None:
         return None
     by_source: dict[str, list[float]] = {}
     for r in tqdm(records, desc="lesions (normal photographs)", unit="img"):
-        _, masks, field = tool.masks_batch([_rgb(r.path)])[0]
-        marked = np.any([masks[c] for c in LESION_NAMES], axis=0).sum()
-        by_source.setdefault(r.source, []).append(100.0 * float(marked) / max(int(field.sum()), 1))
+        found = tool.masks_batch([_rgb(r.path)])[0]
+        marked = np.any([found.masks[c] for c in LESION_NAMES], axis=0).sum()
+        by_source.setdefault(r.source, []).append(100.0 * float(marked) / max(int(found.field.sum()), 1))
     every = [a for areas in by_source.values() for a in areas]
     summary = lambda areas: {"images": len(areas), "marked_share": round(float(np.mean([a > 0 for a in areas])), 4),
                              "marked_field_percent_median": round(float(np.median(areas)), 4)}
@@ -192,12 +193,22 @@ def eval_quality_gate(root: Path, non_fundus: int) -> dict:
 SPEED_IMAGE_SIDE = 2048  # camera photographs are 4-12 megapixels: shrinking one to the network's input is part of a tool's cost
 
 
-def _per_second(fn, repeats: int) -> float:
-    fn()  # warm-up: lazy set-up and first-call allocations are not steady-state speed
-    start = time.perf_counter()
+def _median_seconds(calls: list, repeats: int) -> list[float]:
+    """Median seconds per call of each function, the calls interleaved (a, b, a, b, ...).
+
+    Interleaving puts a drifting clock or a burst of background load on a tool and its
+    bare forward alike, and the median ignores the odd stalled call: the ratio of two
+    medians taken this way varied 3x less between runs than one of two separate means.
+    """
+    for call in calls:
+        call()  # warm-up: lazy set-up and first-call allocations are not steady-state speed
+    seconds: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        fn()
-    return repeats / (time.perf_counter() - start)
+        for call, times in zip(calls, seconds):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in seconds]
 
 
 @torch.inference_mode()
@@ -214,13 +225,13 @@ def eval_speed(tools: dict, image: Image.Image, repeats: int) -> dict:
     report = {}
     for name, tool in tools.items():
         if name == "assess_quality":
-            tool_rate = _per_second(lambda: (assess(image), fundus_box(image)), repeats)  # what a photograph costs once
-        else:  # the gate's verdict and the aperture box stay cached, as in a session (found once per photograph); nothing else does
+            def call():  # what a photograph costs once
+                assess(image), as_photo(image)
+        else:  # the gate's verdict and the Photo (aperture box, pixels) stay cached, as in a session (made once per photograph); nothing else does
             def call(tool=tool):
-                session.derived = {key: value for key, value in session.derived.items() if key[0] in ("quality", "fundus_box")}
+                session.derived = {key: value for key, value in session.derived.items() if key[0] in ("quality", "photo")}
                 tool(session, image_id=image_id)
-            tool_rate = _per_second(call, repeats)
-        report[name] = {"tool_images_per_second": round(tool_rate, 2)}
+        calls = [call]
         if name in bare:
             model, size, precision = bare[name]
             tensor = to_tensor(square, size)[None]
@@ -228,12 +239,15 @@ def eval_speed(tools: dict, image: Image.Image, repeats: int) -> dict:
             def forward(model=model, tensor=tensor, precision=precision):
                 with precision():
                     model(tensor)
-            forward_rate = _per_second(forward, repeats)
-            report[name] |= {"forward_images_per_second": round(forward_rate, 2), "tool_over_forward_time": round(forward_rate / tool_rate, 3)}
+            calls.append(forward)
+        seconds = _median_seconds(calls, repeats)
+        report[name] = {"tool_images_per_second": round(1 / seconds[0], 2)}
+        if name in bare:
+            report[name] |= {"forward_images_per_second": round(1 / seconds[1], 2), "tool_over_forward_time": round(seconds[0] / seconds[1], 3)}
     return report
 
 
-def evaluate_vision(root: Path, non_fundus: int = 300, speed_repeats: int = 5) -> dict:
+def evaluate_vision(root: Path, non_fundus: int = 300, speed_repeats: int = 20) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     tools = {"assess_quality": AssessQuality(), "classify_fundus": ClassifyFundus(), "segment_lesions": SegmentLesions(),

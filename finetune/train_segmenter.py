@@ -223,7 +223,7 @@ def _marks_on_normals(probs: np.ndarray, valid: np.ndarray, task: SegmentationTa
     marked = np.zeros(valid.shape, bool)
     for i in range(len(probs)):  # as segment_lesions counts: inside the aperture, specks dropped
         for k, c in enumerate(task.classes[:task.negative_channels]):
-            marked[i] |= without_specks((probs[i, k] > thresholds[c]) & valid[i])
+            marked[i] |= without_specks((probs[i, k] > thresholds[c]) & valid[i])[0]
     pixels = marked.sum(axis=(1, 2))
     return {"normals_marked_share": round(float((pixels > 0).mean()), 4),
             "normals_marked_field_percent": round(float((100 * pixels / valid.sum(axis=(1, 2)).clip(min=1)).mean()), 4)}

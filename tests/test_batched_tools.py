@@ -163,10 +163,10 @@ def test_lesion_masks_are_computed_once_when_both_examining_tools_run_at_once(to
     lesions, disc = tools["segment_lesions"], tools["measure_optic_disc"]
     real, calls = lesions.masks_batch, []
 
-    def slow_masks(images, boxes=None):
+    def slow_masks(images):
         calls.append(len(images))
         time.sleep(0.3)  # long enough that the other thread asks while these are computed
-        return real(images, boxes)
+        return real(images)
 
     monkeypatch.setattr(lesions, "masks_batch", slow_masks)
     monkeypatch.setattr(disc.locator, "masks_batch", slow_masks)
@@ -182,7 +182,6 @@ def test_lesion_masks_are_computed_once_when_both_examining_tools_run_at_once(to
 
 def test_every_vision_tool_crops_to_an_aperture_found_once_per_photograph(tools, fundus_images, monkeypatch):
     """Finding the aperture costs about as much as the classifier's forward: a session finds it once, not per tool."""
-    import ophglm.tools.assess_quality as gate
     import ophglm.tools.vision as vision
     from ophglm.tools.classify_fundus import ClassifyFundus
 
@@ -191,7 +190,6 @@ def test_every_vision_tool_crops_to_an_aperture_found_once_per_photograph(tools,
     def counted(image, real=vision.fundus_box):
         found.append(image.size)
         return real(image)
-    monkeypatch.setattr(gate, "fundus_box", counted)
     monkeypatch.setattr(vision, "fundus_box", counted)
     session = Session()
     image_id = session.add_image(fundus_images[0])

@@ -162,3 +162,39 @@ def test_eval_vision_speed_compares_each_tool_call_with_its_bare_forward(classif
     for name in ("classify_fundus", "segment_lesions", "measure_vessels"):  # the three with one network of their own
         assert report[name]["forward_images_per_second"] > 0 and report[name]["tool_over_forward_time"] > 0, report[name]
     assert "forward_images_per_second" not in report["measure_optic_disc"]  # two networks, up to three rounds: no one forward
+
+
+@pytest.mark.parametrize("side, size", [(2048, 288), (700, 512), (256, 288)])
+def test_fundus_square_resizes_as_pillow_does_and_a_photo_gives_the_same_input(side, size):
+    """Training resized with Pillow's bilinear filter; the tools' torch resize must give the networks the same pixels."""
+    import torch
+
+    from ophglm.tools.vision import as_photo, fundus_square, to_tensor
+
+    image = make_synthetic_fundus(side, seed=2).image.crop((0, 0, side, side * 3 // 4))  # a wide frame, as cameras give
+    box = (0, 0, image.width, image.height)
+    square = np.asarray(fundus_square(image, size, box), dtype=int)
+    height = round(image.height * size / image.width)
+    top = (size - height) // 2
+    pillow = np.asarray(image.resize((size, height), Image.BILINEAR), dtype=int)
+    assert np.abs(square[top:top + height] - pillow).max() <= 1
+    assert not square[:top].any() and not square[top + height:].any(), "padded with black above and below"
+    photo = as_photo(image)
+    assert photo.square(size) == fundus_square(image, size)
+    assert torch.equal(photo.tensor(size), to_tensor(photo.square(size), size))
+
+
+def test_specks_are_dropped_and_the_lesions_left_are_counted():
+    from scipy import ndimage
+
+    from ophglm.tools.segment_lesions import without_specks
+
+    rng = np.random.default_rng(0)
+    for density in (0.0, 0.002, 0.02, 0.2):
+        mask = ndimage.binary_dilation(rng.random((512, 512)) < density) | (rng.random((512, 512)) < density / 4)
+        kept, count = without_specks(mask)
+        labelled, total = ndimage.label(mask)
+        sizes = np.bincount(labelled.ravel())
+        expected = np.isin(labelled, np.flatnonzero(sizes >= 3)) & mask
+        assert (kept == expected).all() and count == ndimage.label(expected)[1]
+        assert count <= total

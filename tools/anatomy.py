@@ -19,7 +19,7 @@ from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
 from ophglm.tools.measurements import find_disc, vertical_cdr
 from ophglm.tools.segment_lesions import SegmentLesions
-from ophglm.tools.vision import fov_mask, fundus_square, load_weights, to_tensor, weights_path
+from ophglm.tools.vision import Photo, as_photo, fov_mask, fundus_square, load_weights, to_tensor, weights_path
 
 DISC_CUP_FILE = "fundus_disc_cup.safetensors"
 VESSEL_FILE = "fundus_vessels.safetensors"
@@ -67,7 +67,7 @@ class MeasureOpticDisc(Tool):
         half = self.unet.config["crop_to_disc_diameter"] * diameter / 2
         return full.crop((round(x - half), round(y - half), round(x + half), round(y + half)))
 
-    def disc_masks_batch(self, images: list[Image.Image], lesion_discs: list[np.ndarray], boxes: list | None = None) -> list[tuple[dict[str, np.ndarray], float]]:
+    def disc_masks_batch(self, images: list[Image.Image | Photo], lesion_discs: list[np.ndarray]) -> list[tuple[dict[str, np.ndarray], float]]:
         """Disc and cup masks, with the disc diameter, on full-resolution crops framed like the training crops.
 
         The lesion segmenter's disc mask (`lesion_disc`, on its fundus square) places
@@ -77,11 +77,11 @@ class MeasureOpticDisc(Tool):
         being re-framed, so a batch costs at most three forwards whatever its size.
         """
         frames = []  # per photograph: its full-resolution fundus square and the disc's x, y, diameter on it
-        for image, lesion_disc, box in zip(images, lesion_discs, boxes or [None] * len(images)):
+        for image, lesion_disc in zip(images, lesion_discs):
             disc = find_disc(lesion_disc)
             if disc is None:
                 raise ToolError(f"{self.name}: the optic disc was not found in this photograph, so no cup-to-disc ratio can be measured")
-            full = fundus_square(image, box=box)
+            full = image.square() if isinstance(image, Photo) else fundus_square(image)  # full resolution: the box is all it needs
             scale = full.width / lesion_disc.shape[1]
             frames.append((full, disc.x * scale, disc.y * scale, disc.diameter * scale))
         measured = [None] * len(frames)  # each is set in the first round, and again in each re-framing
@@ -114,8 +114,8 @@ class MeasureOpticDisc(Tool):
     def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
         """One lesion-Unet forward for the photographs not yet segmented (segment_lesions' own masks when it ran), then the disc/cup rounds."""
         located = self.locator.session_masks_batch([(session, inputs.image_id) for inputs, session in calls], self.name)
-        images, boxes = zip(*[gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls])  # the gate's verdicts are memoised by now
-        measured = self.disc_masks_batch(list(images), [masks["OD"] for _, masks, _ in located], list(boxes))
+        photos = [gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls]  # the gate's verdicts are memoised by now
+        measured = self.disc_masks_batch(photos, [found.masks["OD"] for found in located])
         return [self._result(inputs.image_id, masks, diameter) for (inputs, _), (masks, diameter) in zip(calls, measured)]
 
     def _result(self, image_id: str, masks: dict[str, np.ndarray], diameter: float) -> ToolResult:
@@ -152,10 +152,10 @@ class MeasureVessels(Tool):
     def setup(self) -> None:
         self.unet = _Unet(VESSEL_FILE, self.weights_dir, self.device)
 
-    def vessel_masks(self, images: list[Image.Image], boxes: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(vessel mask, field of view) for each photograph, from one Unet forward (`boxes`: fundus boxes, if known)."""
+    def vessel_masks(self, images: list[Image.Image | Photo]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(vessel mask, field of view) for each photograph (a PIL image or a session's Photo), from one Unet forward."""
         size = self.unet.config["image_size"]
-        squares = [fundus_square(image, size, box) for image, box in zip(images, boxes or [None] * len(images))]
+        squares = [as_photo(image).square(size) for image in images]
         return [(found["vessel"] & field, field) for found, field in zip(self.unet.masks(squares), map(fov_mask, squares))]
 
     def run(self, inputs: ImageInput, session: Session) -> ToolResult:
@@ -163,8 +163,8 @@ class MeasureVessels(Tool):
 
     def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
         """One Unet forward for the batch; every photograph passes the quality gate before it, so a rejected one raises first."""
-        images, boxes = zip(*[gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls])
-        return [self._result(inputs.image_id, *found) for (inputs, _), found in zip(calls, self.vessel_masks(list(images), list(boxes)))]
+        photos = [gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls]
+        return [self._result(inputs.image_id, *found) for (inputs, _), found in zip(calls, self.vessel_masks(photos))]
 
     def _result(self, image_id: str, vessels: np.ndarray, field: np.ndarray) -> ToolResult:
         density = 100.0 * float(vessels.sum()) / max(int(field.sum()), 1)

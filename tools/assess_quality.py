@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from ophglm.session import Session
 from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
-from ophglm.tools.vision import FOV_THRESHOLD, Box, fundus_box
+from ophglm.tools.vision import FOV_THRESHOLD, Photo, as_photo
 
 WHITE_PADDING = 235  # min(R,G,B) above this is white padding, not retina
 ANALYSIS_SIDE = 512  # measured on a copy at most this size: cheap, and focus becomes scale-free
@@ -160,10 +160,10 @@ def session_quality(session: Session, image_id: str) -> Quality:
     return session.derive("quality", image_id, lambda: assess(session.image(image_id)))
 
 
-def gradable_photo(session: Session, image_id: str, tool_name: str) -> tuple[Image.Image, Box]:
-    """`gradable_image` and its aperture box, found once per photograph: every vision tool crops to it."""
+def gradable_photo(session: Session, image_id: str, tool_name: str) -> Photo:
+    """`gradable_image` as a Photo (its aperture box and pixel array), made once per photograph: every vision tool starts from it."""
     image = gradable_image(session, image_id, tool_name)
-    return image, session.derive("fundus_box", image_id, lambda: fundus_box(image))
+    return session.derive("photo", image_id, lambda: as_photo(image))
 
 
 def gradable_image(session: Session, image_id: str, tool_name: str) -> Image.Image:

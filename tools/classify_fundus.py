@@ -10,11 +10,12 @@ temperature in their metadata) still load.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from ophglm.session import Session
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import ImageInput, Tool, ToolResult
-from ophglm.tools.vision import fundus_square, load_weights, to_tensor, weights_path
+from ophglm.tools.vision import Photo, as_photo, load_weights, weights_path
 
 CLASSIFIER_FILE = "fundus_classifier.safetensors"
 LABELS = {
@@ -50,11 +51,10 @@ class ClassifyFundus(Tool):
         self.model, self.config = load_weights(weights_path(CLASSIFIER_FILE, self.weights_dir), self.device)
 
     @torch.inference_mode()
-    def predict(self, images: list, boxes: list | None = None) -> list[dict[str, float]]:
-        """Batched path: calibrated probabilities per class for each PIL image (`boxes`: their fundus boxes, if known)."""
+    def predict(self, images: list[Image.Image | Photo]) -> list[dict[str, float]]:
+        """Batched path: calibrated probabilities per class for each photograph (a PIL image, or a session's Photo)."""
         size, classes = self.config["image_size"], self.config["classes"]
-        boxes = boxes or [None] * len(images)
-        batch = torch.stack([to_tensor(fundus_square(im, size, box), size) for im, box in zip(images, boxes)]).to(self.device)
+        batch = torch.stack([as_photo(im).tensor(size) for im in images]).to(self.device)
         logits = self.model(batch).float().cpu()
         if self.config.get("outputs") == "sigmoid":
             calibration = self.config["calibration"]
@@ -68,8 +68,8 @@ class ClassifyFundus(Tool):
 
     def run_batch(self, calls: list[tuple[ImageInput, Session]]) -> list[ToolResult]:
         """One forward pass for the whole batch (the tool server batches concurrent calls)."""
-        images, boxes = zip(*[gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls])
-        return [self._result(inputs.image_id, probs) for (inputs, _), probs in zip(calls, self.predict(list(images), list(boxes)))]
+        photos = [gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls]
+        return [self._result(inputs.image_id, probs) for (inputs, _), probs in zip(calls, self.predict(photos))]
 
     def _result(self, image_id: str, probs: dict[str, float]) -> ToolResult:
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])

@@ -12,6 +12,7 @@ involved, which the triage table treats as urgent. The overlay PNG is for the pe
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,15 +24,23 @@ from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import Artifact, ImageInput, Tool, ToolResult
 from ophglm.tools.measurements import MACULA_RADIUS_DD, find_disc, locate_fovea, nearest_distance_dd
-from ophglm.tools.vision import fov_mask, fundus_square, load_weights, tiled_forward, to_tensor, weights_path
+from ophglm.tools.vision import Photo, as_photo, fov_mask, load_weights, tiled_forward, to_tensor, weights_path
 
 SEGMENTER_FILE = "fundus_lesions.safetensors"
 LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates (cotton-wool spots)"}
 OVERLAY_COLOURS = {"MA": (255, 255, 255), "HE": (255, 0, 0), "EX": (0, 120, 255), "SE": (0, 255, 0), "OD": (255, 255, 0)}
 MIN_COMPONENT_PIXELS_AT_512 = 3  # on a 512 px square (4x that at 1024): smaller specks are noise, not a countable lesion
 LESION_MASKS = "lesion_masks"  # the session memo of `masks_batch`, by photograph
-Masks = tuple[Image.Image, dict[str, np.ndarray], np.ndarray]  # fundus square, class masks, field of view
 MAX_TILE = 1024  # px: a larger fundus square (a model trained at 2048 on a GPU) is segmented in overlapping tiles
+
+
+class Masks(NamedTuple):
+    """What the Unet found on one photograph's fundus square, speck-free."""
+
+    square: Image.Image
+    masks: dict[str, np.ndarray]  # by class code
+    field: np.ndarray  # the camera's field of view
+    counts: dict[str, int]  # connected lesions by class code
 
 
 def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
@@ -47,13 +56,24 @@ def overlay_png(image: Image.Image, masks: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def without_specks(mask: np.ndarray) -> np.ndarray:
+def without_specks(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The mask without components too small to be a lesion, and how many components remain.
+
+    Sizes are counted over the foreground pixels only (a few thousand), not the whole
+    square: 3x faster at 512 px, and the count saves labelling the mask again.
+    """
     labelled, count = ndimage.label(mask)
     if not count:
-        return mask
-    sizes = np.bincount(labelled.ravel(), minlength=count + 1)  # 8x faster than ndimage.sum_labels at 1024 px
-    sizes[0] = 0  # background
-    return (sizes >= MIN_COMPONENT_PIXELS_AT_512 * mask.size / 512**2)[labelled]
+        return mask, 0
+    where = np.flatnonzero(mask)
+    ids = labelled.ravel()[where]
+    sizes = np.bincount(ids, minlength=count + 1)
+    speck = sizes[ids] < MIN_COMPONENT_PIXELS_AT_512 * mask.size / 512**2
+    if not speck.any():
+        return mask, count
+    cleaned = mask.copy()
+    cleaned.ravel()[where[speck]] = False
+    return cleaned, len(np.unique(ids[~speck]))
 
 
 class SegmentLesions(Tool):
@@ -85,17 +105,18 @@ class SegmentLesions(Tool):
         native = self.device.startswith("cuda") or cpu_has_native_bf16()
         return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=native)
 
-    def masks_batch(self, images: list[Image.Image], boxes: list | None = None) -> list[Masks]:
-        """(fundus square, class masks, field of view) for each photograph, from one Unet forward (`boxes`: fundus boxes, if known)."""
+    def masks_batch(self, images: list[Image.Image | Photo]) -> list[Masks]:
+        """(fundus square, class masks, field of view, lesion counts) for each photograph (a PIL image or a session's Photo), from one Unet forward."""
         size = self.config["image_size"]
-        squares = [fundus_square(image, size, box) for image, box in zip(images, boxes or [None] * len(images))]
+        squares = [as_photo(image).square(size) for image in images]
         found = []
         for square, probs in zip(squares, self.probabilities(squares)):
             field = fov_mask(square)
             masks = {c: (probs[k] > self.config["thresholds"][c]) & field for k, c in enumerate(self.config["classes"])}
+            counts = {}
             for code in LESION_NAMES:  # specks are noise: counts, areas and distances all ignore them
-                masks[code] = without_specks(masks[code])
-            found.append((square, masks, field))
+                masks[code], counts[code] = without_specks(masks[code])
+            found.append(Masks(square, masks, field, counts))
         return found
 
     def session_masks_batch(self, photos: list[tuple[Session, str]], caller: str) -> list[Masks]:
@@ -114,13 +135,12 @@ class SegmentLesions(Tool):
 
         def all_pending() -> dict:  # the first photograph to need its masks computes every pending one
             if not computed:
-                images, boxes = zip(*pending.values())
-                computed.update(zip(pending, self.masks_batch(list(images), list(boxes))))
+                computed.update(zip(pending, self.masks_batch(list(pending.values()))))
             return computed
 
         def compute(session: Session, image_id: str, photo):
             key = (id(session), image_id)
-            return all_pending()[key] if key in pending else self.masks_batch([photo[0]], [photo[1]])[0]  # (a memo cleared meanwhile)
+            return all_pending()[key] if key in pending else self.masks_batch([photo])[0]  # (a memo cleared meanwhile)
 
         return [session.derive(LESION_MASKS, image_id, lambda s=session, i=image_id, p=photo: compute(s, i, p))
                 for (session, image_id), photo in zip(photos, gradable)]
@@ -133,14 +153,14 @@ class SegmentLesions(Tool):
         found = self.session_masks_batch([(session, inputs.image_id) for inputs, session in calls], self.name)
         return [self._result(inputs.image_id, *masks) for (inputs, _), masks in zip(calls, found)]
 
-    def _result(self, image_id: str, square: Image.Image, masks: dict[str, np.ndarray], field: np.ndarray) -> ToolResult:
+    def _result(self, image_id: str, square: Image.Image, masks: dict[str, np.ndarray], field: np.ndarray, counts: dict[str, int]) -> ToolResult:
         field_pixels = max(int(field.sum()), 1)
         side = square.width
         disc = find_disc(masks["OD"])
         fovea = locate_fovea(square, disc, field) if disc else None
         lesions, parts = {}, []
         for code, name in LESION_NAMES.items():
-            count = ndimage.label(masks[code])[1]
+            count = counts[code]
             area = 100.0 * float(masks[code].sum()) / field_pixels
             finding = {"name": name, "count": {"value": count, "unit": "lesions"}, "area": {"value": round(area, 3), "unit": "% of field of view"}}
             part = f"{name}: {count} ({area:.2f}% of field"

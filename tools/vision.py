@@ -9,6 +9,7 @@ the file's metadata: one file is a whole model, and a model card sits beside it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,35 +63,93 @@ def square_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Ima
 Box = tuple[int, int, int, int]
 
 
-def fundus_square(image: Image.Image, size: int | None = None, box: Box | None = None) -> Image.Image:
+def aperture_pixels(image: Image.Image, box: Box) -> np.ndarray:
+    """The pixels inside the aperture's box as a contiguous uint8 array (resizing from it is 20% faster than from a view)."""
+    return np.asarray(image.crop(box)).copy()  # a writable copy: torch refuses to share read-only memory
+
+
+def square_pixels(region: np.ndarray, size: int) -> torch.Tensor:
+    """The aperture's pixels resized to fit `size` px and padded (black) to a centred square: uint8 (channels, size, size).
+
+    Shrinking by half or more (a camera's photograph) uses torch's antialiased bilinear
+    resize: within 1 grey level of Pillow's and, on 4 MP to 512 px, 4x faster. Smaller
+    photographs keep Pillow's bilinear resize, bit for bit what the classifier's training
+    and calibration saw (torch's 1 grey level moved its top-label ECE from 0.022 to 0.030).
+    """
+    height, width = region.shape[:2]
+    scale = size / max(width, height)
+    width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    if scale > 0.5:
+        resized = torch.from_numpy(np.asarray(Image.fromarray(region).resize((width, height), Image.BILINEAR)).copy())
+        resized = resized.permute(2, 0, 1) if resized.ndim == 3 else resized[None]
+    else:
+        pixels = torch.from_numpy(region)
+        pixels = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels[None]
+        resized = F.interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True)[0]
+    square = torch.zeros((resized.shape[0], size, size), dtype=torch.uint8)
+    top, left = (size - height) // 2, (size - width) // 2
+    square[:, top:top + height, left:left + width] = resized
+    return square
+
+
+def fundus_square(image: Image.Image, size: int | None = None, box: Box | None = None, region: np.ndarray | None = None) -> Image.Image:
     """Crop to the aperture's bounding box and pad to a centred square (`size` px if given).
 
     Camera frames differ (4288x2848 IDRiD, square ODIR crops); cropping to the fundus makes
     a lesion or the disc the same relative size whatever the camera. With `size`, the
     region is resized before it is padded, so a large photograph is never copied whole.
-    `box` is the photograph's `fundus_box` when already known (a session finds it once).
-    The resize first shrinks by a whole factor (Pillow's reducing_gap; 3 is the value its
-    documentation calls indistinguishable from a direct resize): a 12-megapixel photograph
-    reaches 224 px 3x faster, within 3 grey levels of the direct resize.
+    `box` (the photograph's `fundus_box`) and `region` (its `aperture_pixels`) are passed
+    when already known: a session's `Photo` holds both.
     """
     box = box or fundus_box(image)
     if size is None:
         return square_crop(image, box)
-    width, height = box[2] - box[0], box[3] - box[1]
-    scale = size / max(width, height)
-    region = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR, box=box, reducing_gap=3.0)
-    square = Image.new(image.mode, (size, size))
-    square.paste(region, ((size - region.width) // 2, (size - region.height) // 2))
-    return square
+    square = square_pixels(aperture_pixels(image, box) if region is None else region, size).permute(1, 2, 0).numpy()
+    return Image.fromarray(square if square.shape[2] > 1 else square[..., 0])
 
 
 _MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
+def normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (3, h, w) -> ImageNet-normalised float; in place in float32 (numpy's float64 took 15x longer at 1024 px)."""
+    return pixels.contiguous().float().div_(255.0).sub_(_MEAN).div_(_STD)
+
+
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL RGB -> normalised float tensor (3, size, size); in place in float32 (numpy's float64 took 15x longer at 1024 px)."""
+    """PIL RGB -> normalised float tensor (3, size, size)."""
     resized = image.resize((size, size), Image.BILINEAR) if image.size != (size, size) else image
-    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous().float().div_(255.0).sub_(_MEAN).div_(_STD)
+    return normalised(torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A photograph as the vision tools read it: the picture, its aperture box and the pixels inside it.
+
+    A session makes one per photograph (`gradable_photo`) and every tool starts from it:
+    finding the box costs about as much as the classifier's forward, and copying a 4 MP
+    aperture into an array 4-5 ms, so neither is paid again by each tool. The array about
+    doubles the photograph's memory while the session holds it.
+    """
+
+    image: Image.Image
+    box: Box
+    region: np.ndarray
+
+    def square(self, size: int | None = None) -> Image.Image:
+        return fundus_square(self.image, size, self.box, self.region)
+
+    def tensor(self, size: int) -> torch.Tensor:
+        """The network input `to_tensor(self.square(size), size)` gives, without the round trip through Pillow."""
+        return normalised(square_pixels(self.region, size))
+
+
+def as_photo(image: Image.Image | Photo) -> Photo:
+    """A session's Photo as it is; a bare picture gets its box found and its pixels copied."""
+    if isinstance(image, Photo):
+        return image
+    box = fundus_box(image)
+    return Photo(image, box, aperture_pixels(image, box))
 
 
 def tiled_forward(model: torch.nn.Module, batch: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
