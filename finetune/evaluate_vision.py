@@ -197,8 +197,9 @@ def _median_seconds(calls: list, repeats: int) -> list[float]:
     """Median seconds per call of each function, the calls interleaved (a, b, a, b, ...).
 
     Interleaving puts a drifting clock or a burst of background load on a tool and its
-    bare forward alike, and the median ignores the odd stalled call: the ratio of two
-    medians taken this way varied 3x less between runs than one of two separate means.
+    bare forward alike, and the median ignores the odd stalled call. Over four runs of 20
+    calls, the ratios' spread (classifier, lesions, vessels) was 0.01, 0.06, 0.06 this way
+    against 0.22, 0.21, 0.03 as two separate means.
     """
     for call in calls:
         call()  # warm-up: lazy set-up and first-call allocations are not steady-state speed

@@ -56,3 +56,24 @@ def test_the_agent_discovers_and_calls_an_installed_tool(installed_plugin, setti
     call = next(c for c in reply.tool_calls if c.name == "measure_brightness")
     assert call.ok and call.summary.startswith("Mean brightness:")
     assert reply.findings["measure_brightness"]["brightness"]["unit"] == "grey level 0-255"
+
+
+def test_a_plugin_fundus_model_gets_the_gate_and_the_shared_photograph():
+    """What the README tells a tool author with a fundus model: gradable_photo refuses what the gate rejects, else gives the Photo."""
+    import numpy as np
+    from PIL import Image
+
+    from ophglm.session import Session
+    from ophglm.tools import ToolError
+    from ophglm.tools.assess_quality import gradable_photo
+    from ophglm.tools.synthetic_fundus import make_synthetic_fundus
+    from ophglm.tools.vision import fundus_box
+
+    session = Session()
+    fundus = make_synthetic_fundus(900, seed=5).image
+    photo = gradable_photo(session, session.add_image(fundus), "my_model")
+    assert photo.box == fundus_box(fundus) and photo.tensor(224).shape == (3, 224, 224) and photo.square(224).size == (224, 224)
+    assert gradable_photo(session, session.add_image(fundus), "another_tool") is photo, "made once per photograph"
+    document = Image.fromarray(np.full((400, 600, 3), 245, np.uint8))
+    with pytest.raises(ToolError, match="my_model did not analyse .* not a colour fundus photograph"):
+        gradable_photo(session, session.add_image(document), "my_model")
