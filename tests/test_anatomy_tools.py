@@ -108,3 +108,27 @@ def test_the_disc_measurement_reuses_the_lesion_masks_of_the_same_photograph(mon
     disc_tool.ensure_setup()
     monkeypatch.setattr(disc_tool.locator, "masks_batch", lambda *args: pytest.fail("the lesion Unet ran a second time"))
     assert disc_tool(session, image_id=image_id).findings["vertical_cdr"]["unit"] == "ratio"
+
+
+def test_a_region_too_small_to_be_the_disc_gives_no_fovea_and_no_distances():
+    """A fragment of the disc would put the fovea (2.5 of its diameters away) in the wrong place: the tool says so instead."""
+    from ophglm.tools.measurements import DISC_WIDTH_SHARE, disc_width_share
+    from ophglm.tools.segment_lesions import LESION_NAMES, without_specks
+
+    fundus = make_synthetic_fundus(512, seed=1)
+    tool = SegmentLesions()
+    tool.setup()
+    disc = find_disc(fundus.masks["OD"])
+    assert DISC_WIDTH_SHARE[0] <= disc_width_share(disc, fundus.fov) <= DISC_WIDTH_SHARE[1], "the planted disc is a plausible size"
+    yy, xx = np.mgrid[:512, :512]
+    fragment = fundus.masks["OD"] & (np.hypot(xx - disc.x, yy - disc.y) < 0.3 * disc.diameter)
+    masks = {code: without_specks(fundus.masks[code])[0] for code in LESION_NAMES} | {"OD": fragment}
+    counts = {code: without_specks(masks[code])[1] for code in LESION_NAMES}
+    result = tool._result("img-x", fundus.image, masks, fundus.fov, counts)
+    assert result.findings["optic_disc"]["detected"] is False
+    assert result.findings["optic_disc"]["rejected_size"]["value"] < DISC_WIDTH_SHARE[0]
+    assert "fovea" not in result.findings and "macular_exudates" not in result.findings
+    assert not any("nearest_to_fovea" in f or "area_disc_areas" in f for f in result.findings["lesions"].values())
+    assert "not found reliably" in result.summary
+    whole = tool._result("img-x", fundus.image, masks | {"OD": fundus.masks["OD"]}, fundus.fov, counts)
+    assert whole.findings["optic_disc"]["detected"] and whole.findings["fovea"]["detected"]

@@ -2,7 +2,7 @@
 
 Clinicians measure the fundus in disc diameters (DD) and disc areas, because photographs
 have no millimetre scale; so do we. The fovea is not segmented by any model here: it is
-located the way a grader does, as the darkest spot about 2.5 DD temporal to the disc
+located the way a grader does, as the dark spot about 2.5 DD temporal to the disc
 centre, level with it or a little below. These functions take masks and return plain
 numbers; the tools attach the units.
 """
@@ -12,12 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 from scipy import ndimage
 
 FOVEA_DISTANCE_DD = (1.8, 3.2)  # search annulus around the disc centre (typical 2.5 DD)
 FOVEA_VERTICAL_DD = 1.0  # the fovea lies within about 1 DD of the disc's horizontal line
-MACULA_RADIUS_DD = 1.0  # "within one disc diameter of the fovea": the macular-involvement rule
+SPOT_DD, SURROUND_DD = 0.25, 1.0  # the fovea's scale, and its surroundings' (disc diameters)
+MIN_SURROUND_IN_FIELD = 0.75  # a candidate whose surroundings are mostly outside the photograph cannot be judged darker than them
+MACULA_RADIUS_DD = 1.0
+# A disc's diameter as a share of the field of view's width. IDRiD's annotated discs measure
+# 0.117-0.189; of the regions the lesion Unet found on 200 validation photographs, those below
+# 0.10 were by eye fragments of the disc or not the disc, and most above 0.26 not the disc:
+# a fovea placed in disc diameters from them would be wrong.
+DISC_WIDTH_SHARE = (0.10, 0.26)  # "within one disc diameter of the fovea": the macular-involvement rule
 
 
 @dataclass(frozen=True)
@@ -44,42 +51,54 @@ def find_disc(mask: np.ndarray, min_pixels: int = 50) -> Disc | None:
     return Disc(float(xs.mean()), float(ys.mean()), float(2 * np.sqrt(area / np.pi)), area)
 
 
-def locate_fovea(square: Image.Image, disc: Disc, field: np.ndarray) -> tuple[float, float] | None:
-    """The darkest smoothed spot in the annulus 1.8-3.2 DD from the disc, on the side towards the field's centre.
+def disc_width_share(disc: Disc, field: np.ndarray) -> float:
+    """The disc's diameter over the field of view's width (the whole frame's width when the field is empty)."""
+    columns = np.flatnonzero(field.any(axis=0))
+    return disc.diameter / (columns[-1] - columns[0] + 1 if len(columns) else field.shape[1])
 
-    Computed on the window that can hold the annulus (plus the blur's and erosion's reach,
-    so the result is the whole-image one): a third of the time.
+
+def locate_fovea(square: Image.Image, disc: Disc, field: np.ndarray) -> tuple[float, float] | None:
+    """The spot darkest against its surroundings in the annulus 1.8-3.2 DD from the disc, on the side towards the field's centre.
+
+    Darkness is the green channel averaged over 0.25 DD divided by its average over 1 DD,
+    both taken over the field of view only: photographs darken towards the aperture's edge,
+    and plain darkness picked that edge. By eye on 23 real photographs (ODIR-style and
+    IDRiD, validation split) this lands on the macula in 21 (one had its disc mislocated,
+    one was unclear); plain darkness did in 13. Worked on a copy shrunk to about 16 px per
+    disc diameter: the fovea is a blob about a disc diameter across.
     """
     dd, (h, w) = disc.diameter, field.shape
     columns = field.sum(axis=0)
     centre_x = float(columns @ np.arange(w) / columns.sum()) if columns.any() else w / 2
     temporal = np.sign(centre_x - disc.x) or 1.0  # the macula lies towards the middle of the photograph
-    reach_x = FOVEA_DISTANCE_DD[1] * dd
-    x0, x1 = (disc.x, disc.x + reach_x) if temporal > 0 else (disc.x - reach_x, disc.x)
-    x0, x1 = max(0, int(np.floor(x0))), min(w, int(np.ceil(x1)) + 1)
-    y0, y1 = max(0, int(np.floor(disc.y - FOVEA_VERTICAL_DD * dd))), min(h, int(np.ceil(disc.y + FOVEA_VERTICAL_DD * dd)) + 1)
-    if x0 >= x1 or y0 >= y1:
+    step, margin = max(1, int(dd / 16)), 2 * SURROUND_DD * dd  # the window holds the annulus and the surround of its every point
+    x0, x1 = (disc.x, disc.x + FOVEA_DISTANCE_DD[1] * dd) if temporal > 0 else (disc.x - FOVEA_DISTANCE_DD[1] * dd, disc.x)
+    bx0, bx1 = max(0, int(x0 - margin)), min(w, int(x1 + margin) + 1)
+    by0, by1 = max(0, int(disc.y - FOVEA_VERTICAL_DD * dd - margin)), min(h, int(disc.y + FOVEA_VERTICAL_DD * dd + margin) + 1)
+    if bx1 - bx0 < step or by1 - by0 < step:
         return None
-    radius, erosion = max(1.0, 0.25 * dd), max(1, int(0.3 * dd))
+    inside = np.asarray(Image.fromarray(field[by0:by1, bx0:bx1].astype(np.uint8) * 255).reduce(step)) == 255
+    green = np.asarray(square.getchannel("G").crop((bx0, by0, bx1, by1)).reduce(step), dtype=np.float32) * inside
 
-    def padded(margin: int) -> tuple[int, int, int, int]:
-        return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
+    def field_average(radius_dd: float) -> tuple[np.ndarray, np.ndarray]:  # Gaussian average over the field only, and the field's share in it
+        sigma = radius_dd * dd / step
+        share = ndimage.gaussian_filter(inside.astype(np.float32), sigma, mode="constant", truncate=3.0)
+        return ndimage.gaussian_filter(green, sigma, mode="constant", truncate=3.0) / np.maximum(share, 1e-6), share
 
-    bx0, by0, bx1, by1 = padded(int(np.ceil(6 * radius)) + 2)  # beyond the Gaussian's support
-    green = np.asarray(square.getchannel("G").crop((bx0, by0, bx1, by1)).filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    green = green[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
-    ex0, ey0, ex1, ey1 = padded(erosion)  # the erosion reaches `erosion` pixels; beyond the image counts as outside, as before
-    inside = ndimage.binary_erosion(field[ey0:ey1, ex0:ex1], iterations=erosion)[y0 - ey0:y1 - ey0, x0 - ex0:x1 - ex0]
-    yy, xx = np.mgrid[y0:y1, x0:x1]
+    spot, _ = field_average(SPOT_DD)
+    surround, share = field_average(SURROUND_DD)
+    yy, xx = np.mgrid[0:green.shape[0], 0:green.shape[1]]
+    xx, yy = bx0 + (xx + 0.5) * step - 0.5, by0 + (yy + 0.5) * step - 0.5  # block centres, in square pixels
     distance = np.hypot(xx - disc.x, yy - disc.y) / dd
     search = (
         (distance >= FOVEA_DISTANCE_DD[0]) & (distance <= FOVEA_DISTANCE_DD[1])
-        & (np.abs(yy - disc.y) <= FOVEA_VERTICAL_DD * dd) & ((xx - disc.x) * temporal > 0) & inside
+        & (np.abs(yy - disc.y) <= FOVEA_VERTICAL_DD * dd) & ((xx - disc.x) * temporal > 0)
+        & inside & (share >= MIN_SURROUND_IN_FIELD)
     )
     if not search.any():
         return None
-    k = int(np.argmin(np.where(search, green, np.inf)))
-    return float(x0 + k % (x1 - x0)), float(y0 + k // (x1 - x0))
+    k = int(np.argmin(np.where(search, spot / np.maximum(surround, 1e-6), np.inf)))
+    return float(xx.flat[k]), float(yy.flat[k])
 
 
 def component_centres(mask: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from ophglm.session import Session
 from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import Artifact, ImageInput, Tool, ToolResult
-from ophglm.tools.measurements import MACULA_RADIUS_DD, find_disc, locate_fovea, nearest_distance_dd
+from ophglm.tools.measurements import DISC_WIDTH_SHARE, MACULA_RADIUS_DD, disc_width_share, find_disc, locate_fovea, nearest_distance_dd
 from ophglm.tools.vision import Photo, as_photo, fov_mask, load_weights, tiled_forward, to_tensor, weights_path
 
 SEGMENTER_FILE = "fundus_lesions.safetensors"
@@ -157,6 +157,9 @@ class SegmentLesions(Tool):
         field_pixels = max(int(field.sum()), 1)
         side = square.width
         disc = find_disc(masks["OD"])
+        share = disc_width_share(disc, field) if disc else None
+        if share is not None and not DISC_WIDTH_SHARE[0] <= share <= DISC_WIDTH_SHARE[1]:
+            disc = None  # a fragment of the disc, or not the disc: sizes and distances in its diameters would mislead
         fovea = locate_fovea(square, disc, field) if disc else None
         lesions, parts = {}, []
         for code, name in LESION_NAMES.items():
@@ -178,6 +181,10 @@ class SegmentLesions(Tool):
                                       "area": {"value": round(100.0 * disc.area / field_pixels, 3), "unit": "% of field of view"},
                                       "diameter": {"value": round(disc.diameter / side, 4), "unit": "fraction of image width"}}
             parts.append("optic disc found")
+        elif share is not None:
+            findings["optic_disc"] = {"detected": False, "rejected_size": {"value": round(share, 3), "unit": "fraction of the field of view's width"}}
+            parts.append(f"optic disc not found reliably (the disc-like region is {share:.2f} of the field's width; a disc is "
+                         f"{DISC_WIDTH_SHARE[0]:.2f}-{DISC_WIDTH_SHARE[1]:.2f}), so the fovea and distances were not measured")
         else:
             findings["optic_disc"] = {"detected": False}
             parts.append("optic disc not found, so the fovea and distances were not measured")
