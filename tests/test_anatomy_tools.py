@@ -127,6 +127,7 @@ def test_a_region_too_small_to_be_the_disc_gives_no_fovea_and_no_distances():
     result = tool._result("img-x", fundus.image, masks, fundus.fov, counts)
     assert result.findings["optic_disc"]["detected"] is False
     assert result.findings["optic_disc"]["rejected_size"]["value"] < DISC_WIDTH_SHARE[0]
+    assert type(result.findings["optic_disc"]["rejected_size"]["value"]) is float, "plain JSON: the conversation store rejects numpy numbers"
     assert "fovea" not in result.findings and "macular_exudates" not in result.findings
     assert not any("nearest_to_fovea" in f or "area_disc_areas" in f for f in result.findings["lesions"].values())
     assert "not found reliably" in result.summary

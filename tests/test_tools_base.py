@@ -65,3 +65,14 @@ def test_registry_has_the_builtins_and_accepts_extra_tools(settings):
     assert {"classify_fundus", "segment_lesions", "search_knowledge", "echo_text"} <= set(tools)
     with pytest.raises(ValueError, match="two tools are named 'echo_text'"):
         load_tools(settings, extra=[EchoTool(), EchoTool()])
+
+
+def test_findings_are_plain_json_numpy_numbers_included():
+    """The conversation store serialises plain JSON only: a numpy number in a finding once failed the whole turn."""
+    import numpy as np
+
+    result = ToolResult(summary="s", findings={"share": {"value": np.float64(0.25), "unit": "fraction"}, "count": np.int64(3), "xy": (np.float32(1.5), 2)})
+    assert result.findings == {"share": {"value": 0.25, "unit": "fraction"}, "count": 3, "xy": [1.5, 2]}
+    assert type(result.findings["share"]["value"]) is float and type(result.findings["count"]) is int
+    with pytest.raises(TypeError, match=r"findings\.mask is a ndarray, not a JSON value"):
+        ToolResult(summary="s", findings={"mask": np.zeros((2, 2))})

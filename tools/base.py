@@ -37,6 +37,24 @@ class ToolResult:
     # Knowledge passages this result rests on: {"id", "doc_id", "section", "title", "text"}.
     citations: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Findings are stored with the conversation, which serialises plain JSON only: a numpy
+        # number (np.float64 passes for a float almost everywhere else) failed the whole turn.
+        self.findings = plain_json(self.findings, "findings")
+
+
+def plain_json(value: Any, where: str) -> Any:
+    """`value` with numpy scalars made Python numbers and tuples lists; any other non-JSON value is a TypeError naming `where` it is."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {str(key): plain_json(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if hasattr(value, "dtype") and callable(getattr(value, "item", None)) and getattr(value, "ndim", 1) == 0:  # a numpy scalar
+        return plain_json(value.item(), where)
+    raise TypeError(f"{where} is a {type(value).__name__}, not a JSON value (str, number, bool, None, list or dict)")
+
 
 class Tool:
     """Subclass, set `name`, `description`, `inputs`, implement `run` (and `setup` if heavy, `run_batch` if batched)."""

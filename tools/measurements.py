@@ -54,7 +54,7 @@ def find_disc(mask: np.ndarray, min_pixels: int = 50) -> Disc | None:
 def disc_width_share(disc: Disc, field: np.ndarray) -> float:
     """The disc's diameter over the field of view's width (the whole frame's width when the field is empty)."""
     columns = np.flatnonzero(field.any(axis=0))
-    return disc.diameter / (columns[-1] - columns[0] + 1 if len(columns) else field.shape[1])
+    return disc.diameter / float(columns[-1] - columns[0] + 1 if len(columns) else field.shape[1])
 
 
 def locate_fovea(square: Image.Image, disc: Disc, field: np.ndarray) -> tuple[float, float] | None:
