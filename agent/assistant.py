@@ -244,12 +244,12 @@ class Assistant:
 
         return StructuredTool.from_function(run, name=tool.name, description=tool.description, args_schema=tool.inputs, response_format="content_and_artifact")
 
-    def _fusion_image(self, image_id: str) -> Image.Image | None:
-        """A photograph for the fusion tokens; None for one the quality gate rejected (or an unknown id)."""
-        from ophglm.tools.assess_quality import gradable_image
+    def _fusion_image(self, image_id: str):
+        """The session's Photo for the fusion tokens (aperture found once, as for the tools); None for one the gate rejected (or an unknown id)."""
+        from ophglm.tools.assess_quality import gradable_photo
 
         try:
-            return gradable_image(self.session, image_id, "fusion")
+            return gradable_photo(self.session, image_id, "fusion")
         except (ToolError, ImageError, KeyError):
             return None
 

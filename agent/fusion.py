@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 from torch import nn
 
 ATTACHED = re.compile(r"\[Fundus photograph attached: image_id=(img-[0-9a-f]+)\]")
@@ -49,11 +48,12 @@ class ImageEncoder:
         self.fingerprint = weights_fingerprint(weights_path(CLASSIFIER_FILE, weights_dir))
 
     @torch.inference_mode()
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        from ophglm.tools.vision import fundus_square, to_tensor
+    def __call__(self, images: list) -> torch.Tensor:
+        """Features of PIL images or session Photos (whose aperture box and pixels are already found), from the classifier's own input."""
+        from ophglm.tools.vision import as_photo
 
         size = self.tool.config["image_size"]
-        batch = torch.stack([to_tensor(fundus_square(im, size), size) for im in images]).to(self.tool.device)
+        batch = torch.stack([as_photo(im).tensor(size) for im in images]).to(self.tool.device)
         return self.tool.model.forward_head(self.tool.model.forward_features(batch), pre_logits=True).float()
 
 
@@ -63,7 +63,7 @@ class Fusion:
     encoder: ImageEncoder
     config: dict
 
-    def tokens(self, images: list[Image.Image]) -> torch.Tensor:
+    def tokens(self, images: list) -> torch.Tensor:  # PIL images or session Photos
         with torch.inference_mode():
             return self.projector(self.encoder(images))
 
