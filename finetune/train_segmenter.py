@@ -102,6 +102,7 @@ class SegmenterConfig:
     batch_size: int = 8
     lr: float = 2e-3
     negative_share: float = 0.25  # of each batch, crops of normal photographs (tasks with negatives)
+    zoom: float = 0.0  # crops span crop/(1+zoom) .. crop*(1+zoom) px of the square, resized to crop (0: no scale jitter)
     validation_normals: int = 40  # held-out normal photographs in validation
     minutes: float = 15.0
     threads: int = 2
@@ -156,13 +157,29 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
+def _rescaled(x: np.ndarray, y: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (channels, side, side) crop and its masks resized to `crop` px; a mask pixel is kept when a quarter covered.
+
+    Area-resampling with that quarter rule keeps a 1-2 px microaneurysm when shrinking,
+    where nearest-neighbour would drop most of them (the rule `exact_mask` uses).
+    """
+    shrink = x.shape[1] > crop
+    pixels = torch.nn.functional.interpolate(torch.from_numpy(x.copy())[None].float(), size=(crop, crop), mode="bilinear",
+                                             antialias=shrink, align_corners=False)[0]
+    marks = torch.nn.functional.interpolate(torch.from_numpy(y.copy())[None].float(), size=(crop, crop),
+                                            mode="area" if shrink else "nearest")[0]
+    return pixels.round().clamp(0, 255).to(torch.uint8).numpy(), (marks >= 0.25).numpy()
+
+
 def _batch(images: np.ndarray, masks: np.ndarray, normals: np.ndarray, cfg: SegmenterConfig, task: SegmentationTask,
            rng: np.random.Generator):
     """Random crops and which channels each crop's target knows.
 
     For lesions half of the annotated crops are centred on a lesion pixel (lesions are
     rare); `negative_share` of the crops come from normal photographs, whose target is
-    "absent" on the first `negative_channels` channels and unknown on the rest.
+    "absent" on the first `negative_channels` channels and unknown on the rest. With
+    `zoom`, each crop covers a randomly scaled square resized to the crop: lesions and the
+    disc come in the sizes other cameras and fields of view give them.
     """
     xs, ys, known = [], [], []
     size, crop, classes = images.shape[1], cfg.crop, masks.shape[1]
@@ -180,10 +197,13 @@ def _batch(images: np.ndarray, masks: np.ndarray, normals: np.ndarray, cfg: Segm
                 cy, cx = lesion[rng.integers(len(lesion))]
             else:
                 cy, cx = rng.integers(crop // 2, size - crop // 2 + 1, 2)
-        top = int(np.clip(cy - crop // 2, 0, size - crop))
-        left = int(np.clip(cx - crop // 2, 0, size - crop))
-        x = source[top:top + crop, left:left + crop].transpose(2, 0, 1)
-        y = y_full[:, top:top + crop, left:left + crop] if y_full is not None else np.zeros((classes, crop, crop), bool)
+        side = min(size, int(round(crop * math.exp(rng.uniform(-1, 1) * math.log1p(cfg.zoom))))) if cfg.zoom else crop
+        top = int(np.clip(cy - side // 2, 0, size - side))
+        left = int(np.clip(cx - side // 2, 0, size - side))
+        x = source[top:top + side, left:left + side].transpose(2, 0, 1)
+        y = y_full[:, top:top + side, left:left + side] if y_full is not None else np.zeros((classes, side, side), bool)
+        if side != crop:
+            x, y = _rescaled(x, y, crop)
         k = rng.integers(4)
         x, y = np.rot90(x, k, (1, 2)), np.rot90(y, k, (1, 2))
         if rng.random() < 0.5:
@@ -235,6 +255,8 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
     task = TASKS[cfg.task]
     if not 0 <= cfg.negative_share < 1:
         raise ValueError(f"--negative-share must be at least 0 and below 1, not {cfg.negative_share}")
+    if not 0 <= cfg.zoom <= 1:
+        raise ValueError(f"--zoom must be between 0 and 1, not {cfg.zoom}")
     out = Path(cfg.out or task.out)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -355,7 +377,7 @@ def write_segmenter_card(weights: Path, cfg: SegmenterConfig, task: Segmentation
         report,
         f"ophglm train segmenter --task {cfg.task} --data ../shared/data --encoder {cfg.encoder} --minutes {cfg.minutes:g} --lr {cfg.lr:g}"
         + (f" --negative-share {cfg.negative_share:g}" if task.negative_channels else "") + (f" --init {cfg.init}" if cfg.init else "")
-        + f" --image-size {cfg.image_size} --crop {cfg.crop}" + (f" --batch-size {cfg.batch_size}" if cfg.batch_size != SegmenterConfig.batch_size else ""),
+        + f" --image-size {cfg.image_size} --crop {cfg.crop}" + (f" --zoom {cfg.zoom:g}" if cfg.zoom else "") + (f" --batch-size {cfg.batch_size}" if cfg.batch_size != SegmenterConfig.batch_size else ""),
         "The thresholds were picked on the validation images the Dice figures are reported on, so Dice is optimistic; "
         "AUPR and AUROC are threshold-free. The validation sets are small (see validation_images).",
     )

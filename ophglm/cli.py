@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--image-size", type=int, help="fundus-square side the tool segments at (default: lesions and vessels 512, disc_cup 256; above 1024 the tool tiles)")
             t.add_argument("--crop", type=int, help="training crop side at that size (default 256); scale it with --image-size to keep the context")
             t.add_argument("--batch-size", type=int, help="crops per step (default 8)")
+            t.add_argument("--zoom", type=float, help="scale jitter: crops span crop/(1+zoom) to crop*(1+zoom) px, resized (default 0)")
         t.set_defaults(func=cmd_train)
     from ophglm.finetune.fusion import add_fusion_parsers
     from ophglm.finetune.train_llm import add_train_llm_parser

@@ -95,6 +95,25 @@ def test_exact_masks_keep_microaneurysms_a_few_pixels_across():
     assert ndimage.label(np.asarray(mask.resize((500, 500), Image.NEAREST)) > 127)[1] < 12
 
 
+def test_zoomed_crops_keep_their_size_and_every_microaneurysm():
+    """Scale jitter resizes each crop to the training crop; 2 px spots all survive a 1.5x shrink (the quarter rule)."""
+    from scipy import ndimage
+    from ophglm.finetune.train_segmenter import TASKS, _batch, _rescaled
+
+    marks = np.zeros((len(SEGMENTER_CLASSES), 192, 192), bool)
+    for y, x in np.random.default_rng(1).integers(4, 188, (12, 2)) // 6 * 6:  # apart, so shrunk spots cannot merge
+        marks[0, y:y + 2, x:x + 2] = True
+    pixels, shrunk = _rescaled(np.full((3, 192, 192), 90, np.uint8), marks, 128)
+    assert pixels.shape == (3, 128, 128) and (pixels == 90).all()
+    assert ndimage.label(shrunk[0])[1] == ndimage.label(marks[0])[1] and not shrunk[1:].any()
+    cfg = SegmenterConfig(crop=128, batch_size=16, zoom=1.0)
+    x, y, _ = _batch(np.full((1, 256, 256, 3), 90, np.uint8), np.zeros((1, len(SEGMENTER_CLASSES), 256, 256), bool),
+                     np.zeros((0, 256, 256, 3), np.uint8), cfg, TASKS["lesions"], np.random.default_rng(0))
+    assert x.shape == (16, 3, 128, 128) and y.shape == (16, len(SEGMENTER_CLASSES), 128, 128)
+    with pytest.raises(ValueError, match="--zoom"):
+        train_segmenter(SegmenterConfig(zoom=2.0))
+
+
 def _exact_photograph(folder, stem: str, seed: int) -> None:
     """A synthetic 'full-resolution' photograph: the fundus inside a wider black frame, masks at the same size."""
     fundus = make_synthetic_fundus(384, seed=seed)
