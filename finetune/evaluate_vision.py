@@ -6,7 +6,8 @@ used) counts, so a figure here is on unseen photographs. The quality gate is mea
 generated and packaged non-fundus images (a seed different from the one its thresholds
 were chosen on) and on every fundus photograph in DIR. The lesion segmenter is also run on
 unseen normal photographs of every camera source: whatever it marks there is a false
-positive that would reach the triage table. Speed: images/second of each tool
+positive that would reach the triage table. The disc/cup tool is also run end to end on
+unseen normal and glaucoma photographs of other cameras. Speed: images/second of each tool
 called as the agent calls it, and its ratio to the bare model forward measured in the same
 run, so preprocessing and post-processing costs are visible.
 """
@@ -31,6 +32,7 @@ from ophglm.finetune.train_segmenter import SegmenterConfig, normal_photographs
 from ophglm.session import Session
 from ophglm.tools.anatomy import MeasureOpticDisc, MeasureVessels
 from ophglm.tools.assess_quality import AssessQuality, assess
+from ophglm.tools.base import ToolError
 from ophglm.tools.classify_fundus import ClassifyFundus
 from ophglm.tools.measurements import vertical_cdr
 from ophglm.tools.non_fundus import non_fundus_images
@@ -159,6 +161,33 @@ def eval_disc_cup(root: Path, tool: MeasureOpticDisc) -> dict | None:
             "vertical_cdr_mae": round(float(np.mean(errors)), 4)}
 
 
+def eval_disc_on_labelled_photographs(root: Path, tool: MeasureOpticDisc) -> dict | None:
+    """measure_optic_disc end to end on unseen normal and glaucoma photographs of other cameras than Drishti-GS's.
+
+    No cup is annotated there, so the yardsticks are indirect: how often the tool measures
+    at all (per label), the median ratio per label, and how well the ratio separates the
+    glaucoma label from the normal one (AUROC over the photographs measured).
+    """
+    records = [r for r in classification_records(root) if split_of(r.group) == "val" and r.label in ("normal", "glaucoma")]
+    if not records:
+        return None
+    ratios: dict[str, list[float]] = {"normal": [], "glaucoma": []}
+    refused: dict[str, int] = {"normal": 0, "glaucoma": 0}
+    for r in tqdm(records, desc="disc/cup (labelled photographs)", unit="img"):
+        photo = as_photo(_rgb(r.path))
+        try:
+            result = tool._result(r.path.name, tool.disc_masks_batch([photo], tool.locator.masks_batch([photo]))[0])
+            ratios[r.label].append(result.findings["vertical_cdr"]["value"])
+        except ToolError:
+            refused[r.label] += 1
+    report = {label: {"images": len(values) + refused[label], "measured_share": round(len(values) / max(len(values) + refused[label], 1), 4),
+                      "vertical_cdr_median": round(float(np.median(values)), 2) if values else None} for label, values in ratios.items()}
+    if ratios["normal"] and ratios["glaucoma"]:
+        scores = np.array(ratios["normal"] + ratios["glaucoma"])
+        report["glaucoma_vs_normal_auroc"] = round(pixel_auroc(scores, np.arange(len(scores)) >= len(ratios["normal"])), 4)
+    return report
+
+
 def eval_vessels(root: Path, tool: MeasureVessels) -> dict | None:
     records = [r for r in vessel_records(root) if split_of(r.group, 25) == "val"]
     if not records:
@@ -259,6 +288,7 @@ def evaluate_vision(root: Path, non_fundus: int = 300, speed_repeats: int = 20) 
                 "lesions_idrid_fullres": lambda: eval_lesions(root, tools["segment_lesions"]),
                 "lesions_on_normal_photographs": lambda: eval_lesions_on_normals(root, tools["segment_lesions"]),
                 "disc_cup_drishti_gs": lambda: eval_disc_cup(root, tools["measure_optic_disc"]),
+                "disc_cup_on_labelled_photographs": lambda: eval_disc_on_labelled_photographs(root, tools["measure_optic_disc"]),
                 "vessels_drive": lambda: eval_vessels(root, tools["measure_vessels"])}
     report: dict = {"data": str(root), "skipped": []}
     for name, run in sections.items():

@@ -133,3 +133,31 @@ def test_a_region_too_small_to_be_the_disc_gives_no_fovea_and_no_distances():
     assert "not found reliably" in result.summary
     whole = tool._result("img-x", fundus.image, masks | {"OD": fundus.masks["OD"]}, fundus.fov, counts)
     assert whole.findings["optic_disc"]["detected"] and whole.findings["fovea"]["detected"]
+
+
+def test_a_disc_fragment_is_reframed_at_a_typical_size_and_an_implausible_outline_is_refused():
+    """measure_optic_disc applies segment_lesions' disc-size rule to its own, sharper outline instead of trusting a fragment."""
+    from ophglm.tools.anatomy import MeasuredDisc
+    from ophglm.tools.base import ToolError
+    from ophglm.tools.measurements import DISC_WIDTH_SHARE, disc_width_share
+    from ophglm.tools.segment_lesions import Masks
+    from ophglm.tools.vision import as_photo
+
+    fundus = make_synthetic_fundus(512, seed=1)
+    planted = find_disc(fundus.masks["OD"])
+    yy, xx = np.mgrid[:512, :512]
+    fragment = fundus.masks["OD"] & (np.hypot(xx - planted.x, yy - planted.y) < 0.3 * planted.diameter)
+    tool = MeasureOpticDisc()
+    tool.setup()
+    photo = as_photo(fundus.image)
+    square = photo.square(512)
+    fov = fov_mask(square)
+    measured = tool.disc_masks_batch([photo], [Masks(square, {"OD": fragment}, fov, {})])[0]
+    assert measured.lesion_width_share < DISC_WIDTH_SHARE[0]
+    assert measured.width_share == pytest.approx(disc_width_share(planted, fundus.fov), rel=0.2), "the outline is the planted disc's"
+    result = tool._result("img-x", measured)
+    assert "disc/cup model alone" in result.summary and type(result.findings["disc_width_share"]["value"]) is float
+    whole = tool.disc_masks_batch([photo], [Masks(square, {"OD": fundus.masks["OD"]}, fov, {})])[0]
+    assert tool._result("img-x", whole).findings["vertical_cdr"]["value"] == pytest.approx(result.findings["vertical_cdr"]["value"], abs=0.05)
+    with pytest.raises(ToolError, match="not found reliably"):
+        tool._result("img-x", MeasuredDisc(measured.masks, measured.diameter, 0.4, measured.lesion_width_share))

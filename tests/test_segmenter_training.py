@@ -169,3 +169,22 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     assert all(0.0 <= v <= 1.0 for v in scores["exact_masks_full_resolution"]["aupr"].values() if v == v)
     tool.config = {k: v for k, v in config.items() if k != "exact_mask_validation_percent"}  # older weights had trained on it
     assert "exact_masks_full_resolution" not in eval_lesions(root, tool)
+
+
+def test_eval_vision_runs_the_disc_tool_end_to_end_on_normal_and_glaucoma_photographs(tmp_path):
+    from ophglm.finetune.evaluate_vision import eval_disc_on_labelled_photographs
+    from ophglm.tools.anatomy import MeasureOpticDisc
+
+    for label, seeds in (("normal", range(2)), ("glaucoma", range(2, 4))):
+        folder = tmp_path / "classify_4class" / label
+        folder.mkdir(parents=True)
+        for seed, number in zip(seeds, _names("", "val", 2, lambda s: f"odir:{s}")):
+            make_synthetic_fundus(512, seed=seed, lesions=False).image.save(folder / f"{number}_left.jpg")
+    (tmp_path / "classify_4class" / "cataract").mkdir()
+    make_synthetic_fundus(256, seed=9).image.save(tmp_path / "classify_4class" / "cataract" / "7_left.jpg")
+    tool = MeasureOpticDisc()
+    tool.setup()
+    report = eval_disc_on_labelled_photographs(tmp_path, tool)
+    assert report["normal"]["images"] == 2 and report["glaucoma"]["images"] == 2, "only normal and glaucoma photographs count"
+    assert report["normal"]["measured_share"] == 1.0 and 0.0 < report["normal"]["vertical_cdr_median"] < 1.0
+    assert 0.0 <= report["glaucoma_vs_normal_auroc"] <= 1.0

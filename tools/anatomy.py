@@ -3,12 +3,18 @@
 The disc/cup Unet was trained on Drishti-GS crops that frame the disc tightly, so it must
 see the same framing: the lesion segmenter finds the disc on the whole photograph, and a
 square crop `crop_to_disc_diameter` disc diameters wide is cut around it from the
-full-resolution photograph (stored with the weights, measured on the training masks). The
+full-resolution photograph (stored with the weights, measured on the training masks).
+Where the lesion segmenter's region is no plausible disc size (often a fragment of a
+hazy disc), the crop is framed for a typical disc at its place, and the disc/cup Unet's own
+outline must then be a plausible size: the same `DISC_WIDTH_SHARE` rule as segment_lesions,
+applied to the sharper outline. The
 vessel Unet (DRIVE) looks at the whole fundus square like the lesion segmenter does.
 Both tools take a tool-server batch through their Unets together (`run_batch`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,14 +23,29 @@ from PIL import Image
 from ophglm.session import Session
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
-from ophglm.tools.measurements import find_disc, vertical_cdr
-from ophglm.tools.segment_lesions import SegmentLesions
+from ophglm.tools.measurements import DISC_WIDTH_SHARE, disc_width_share, find_disc, vertical_cdr
+from ophglm.tools.segment_lesions import Masks, SegmentLesions
 from ophglm.tools.vision import Photo, as_photo, fov_mask, fundus_square, load_weights, to_tensor, weights_path
 
 DISC_CUP_FILE = "fundus_disc_cup.safetensors"
 VESSEL_FILE = "fundus_vessels.safetensors"
 MIN_DISC_PIXELS = 60  # a disc narrower than this in the source photograph is too coarse for a reliable ratio
 CDR_REFERRAL = 0.7  # vertical CDR at or above this is a common glaucoma-suspect referral criterion
+# Where the lesion segmenter's disc-like region is no plausible disc size, the first crop is
+# framed for a disc this share of the field's width (IDRiD's discs: 0.117-0.189). On 17 such
+# validation photographs, by eye, 7 were then outlined at a plausible size on the disc; the
+# outline of 8 grew implausible (5 were not the disc, 3 were) and is refused.
+TYPICAL_DISC_WIDTH_SHARE = 0.15
+
+
+@dataclass(frozen=True)
+class MeasuredDisc:
+    """The disc/cup Unet's masks on the last crop, and the disc they outline, in the photograph's terms."""
+
+    masks: dict[str, np.ndarray]
+    diameter: float  # full-resolution pixels
+    width_share: float  # the disc's diameter over the field of view's width
+    lesion_width_share: float  # the lesion segmenter's region, on the same scale (where the framing started)
 
 
 class _Unet:
@@ -67,41 +88,47 @@ class MeasureOpticDisc(Tool):
         half = self.unet.config["crop_to_disc_diameter"] * diameter / 2
         return full.crop((round(x - half), round(y - half), round(x + half), round(y + half)))
 
-    def disc_masks_batch(self, images: list[Image.Image | Photo], lesion_discs: list[np.ndarray]) -> list[tuple[dict[str, np.ndarray], float]]:
-        """Disc and cup masks, with the disc diameter, on full-resolution crops framed like the training crops.
+    def disc_masks_batch(self, images: list[Image.Image | Photo], located: list[Masks]) -> list[MeasuredDisc | None]:
+        """Disc and cup masks on full-resolution crops framed like the training crops (None where no disc outline was traced).
 
-        The lesion segmenter's disc mask (`lesion_disc`, on its fundus square) places
-        the first crop; the disc/cup Unet's own, sharper disc then re-centres and re-scales
-        it, up to twice, because a disc misjudged in size there (small photographs)
-        would be framed wrongly. Each round is one Unet forward for every photograph still
-        being re-framed, so a batch costs at most three forwards whatever its size.
+        The lesion segmenter's disc (on its fundus square, `located`) places the first crop,
+        sized for a typical disc where the region is no plausible disc size; the disc/cup
+        Unet's own, sharper disc then re-centres and re-scales it, up to twice, because a
+        disc misjudged in size there (small photographs) would be framed wrongly. Each
+        round is one Unet forward for every photograph still being re-framed, so a batch
+        costs at most three forwards whatever its size.
         """
-        frames = []  # per photograph: its full-resolution fundus square and the disc's x, y, diameter on it
-        for image, lesion_disc in zip(images, lesion_discs):
-            disc = find_disc(lesion_disc)
+        frames, field_widths, lesion_shares = [], [], []  # per photograph: full-resolution square and the disc's x, y, diameter on it
+        for image, found in zip(images, located):
+            disc = find_disc(found.masks["OD"])
             if disc is None:
                 raise ToolError(f"{self.name}: the optic disc was not found in this photograph, so no cup-to-disc ratio can be measured")
             full = image.square() if isinstance(image, Photo) else fundus_square(image)  # full resolution: the box is all it needs
-            scale = full.width / lesion_disc.shape[1]
-            frames.append((full, disc.x * scale, disc.y * scale, disc.diameter * scale))
-        measured = [None] * len(frames)  # each is set in the first round, and again in each re-framing
+            scale = full.width / found.masks["OD"].shape[1]
+            share = disc_width_share(disc, found.field)
+            field_widths.append(disc.diameter * scale / share)
+            lesion_shares.append(share)
+            plausible = DISC_WIDTH_SHARE[0] <= share <= DISC_WIDTH_SHARE[1]
+            frames.append((full, disc.x * scale, disc.y * scale, disc.diameter * scale if plausible else TYPICAL_DISC_WIDTH_SHARE * field_widths[-1]))
+        measured: list = [None] * len(frames)  # each is set in the first round, and again in each re-framing
         active = list(range(len(frames)))
         for attempt in range(3):
             crops = [self._crop(*frames[i]) for i in active]
             reframe = []
             for i, crop, found in zip(active, crops, self.unet.masks(crops)):
                 full, x, y, diameter = frames[i]
-                measured[i] = (found, diameter)
                 refined = find_disc(found["disc"])
-                if refined is None or attempt == 2:
-                    continue
                 size = found["disc"].shape[0]
                 to_full = crop.width / size
+                outlined = refined.diameter * to_full if refined else diameter
+                measured[i] = MeasuredDisc(found, outlined, outlined / field_widths[i], lesion_shares[i]) if refined else None
+                if refined is None or attempt == 2:
+                    continue
                 expected = size / self.unet.config["crop_to_disc_diameter"]
                 off_centre = np.hypot(refined.x - size / 2, refined.y - size / 2) / expected
                 if abs(refined.diameter / expected - 1) < 0.1 and off_centre < 0.1:
                     continue
-                frames[i] = (full, x - crop.width / 2 + refined.x * to_full, y - crop.height / 2 + refined.y * to_full, refined.diameter * to_full)
+                frames[i] = (full, x - crop.width / 2 + refined.x * to_full, y - crop.height / 2 + refined.y * to_full, outlined)
                 reframe.append(i)
             active = reframe
             if not active:
@@ -115,25 +142,31 @@ class MeasureOpticDisc(Tool):
         """One lesion-Unet forward for the photographs not yet segmented (segment_lesions' own masks when it ran), then the disc/cup rounds."""
         located = self.locator.session_masks_batch([(session, inputs.image_id) for inputs, session in calls], self.name)
         photos = [gradable_photo(session, inputs.image_id, self.name) for inputs, session in calls]  # the gate's verdicts are memoised by now
-        measured = self.disc_masks_batch(photos, [found.masks["OD"] for found in located])
-        return [self._result(inputs.image_id, masks, diameter) for (inputs, _), (masks, diameter) in zip(calls, measured)]
+        return [self._result(inputs.image_id, disc) for (inputs, _), disc in zip(calls, self.disc_masks_batch(photos, located))]
 
-    def _result(self, image_id: str, masks: dict[str, np.ndarray], diameter: float) -> ToolResult:
-        cdr = vertical_cdr(masks["disc"], masks["cup"])
+    def _result(self, image_id: str, disc: MeasuredDisc | None) -> ToolResult:
+        cdr = vertical_cdr(disc.masks["disc"], disc.masks["cup"]) if disc else None
         if cdr is None:
             raise ToolError(f"{self.name}: the disc outline could not be traced in the crop around the disc")
-        coarse = diameter < MIN_DISC_PIXELS
+        if not DISC_WIDTH_SHARE[0] <= disc.width_share <= DISC_WIDTH_SHARE[1]:
+            raise ToolError(f"{self.name}: the optic disc was not found reliably (the outline traced is {disc.width_share:.2f} of the "
+                            f"field's width; a disc is {DISC_WIDTH_SHARE[0]:.2f}-{DISC_WIDTH_SHARE[1]:.2f}), so no cup-to-disc ratio is given")
+        coarse = disc.diameter < MIN_DISC_PIXELS
         findings = {
             "image_id": image_id,
             "vertical_cdr": {"value": round(cdr, 2), "unit": "ratio"},
-            "cup_area_ratio": {"value": round(float(masks["cup"].sum()) / max(int(masks["disc"].sum()), 1), 2), "unit": "ratio"},
-            "disc_diameter": {"value": round(diameter), "unit": "pixels in the photograph"},
+            "cup_area_ratio": {"value": round(float(disc.masks["cup"].sum()) / max(int(disc.masks["disc"].sum()), 1), 2), "unit": "ratio"},
+            "disc_diameter": {"value": round(disc.diameter), "unit": "pixels in the photograph"},
+            "disc_width_share": {"value": round(disc.width_share, 3), "unit": "fraction of the field of view's width"},
             "reliable": not coarse,
         }
         summary = f"Vertical cup-to-disc ratio of {image_id}: {cdr:.2f}"
         summary += f" (at or above {CDR_REFERRAL}, where an optic nerve assessment is usually advised)." if cdr >= CDR_REFERRAL else f" (below {CDR_REFERRAL})."
+        if not DISC_WIDTH_SHARE[0] <= disc.lesion_width_share <= DISC_WIDTH_SHARE[1]:
+            summary += (f" The disc was outlined by the disc/cup model alone: the lesion segmenter's disc-like region there is "
+                        f"{disc.lesion_width_share:.2f} of the field's width, too {'small' if disc.lesion_width_share < DISC_WIDTH_SHARE[0] else 'large'} for a disc.")
         if coarse:
-            summary += f" The disc is only {diameter:.0f} pixels wide in this photograph, so the ratio is unreliable."
+            summary += f" The disc is only {disc.diameter:.0f} pixels wide in this photograph, so the ratio is unreliable."
         return ToolResult(summary=summary, findings=findings)
 
 
