@@ -12,13 +12,15 @@ level by label as in finetune/scenarios.py: normal -> none, cataract -> routine,
 pathologic myopia -> soon; diabetic retinopathy photographs carry no grade, so they only
 count as "referred" (any level but none) or not.
 
-The tools' findings are cached per photograph and weights (--cache), so a change to the
-rule table is re-measured in a second.
+The tools' findings are cached per photograph, keyed by the gate tools' weights and their
+source code (--cache), so a change to the rule table is re-measured in a second and a
+change to a tool or its weights re-examines every photograph.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections import Counter
@@ -33,6 +35,8 @@ from ophglm.finetune.datasets import classification_records, split_of
 from ophglm.finetune.scenarios import TRIAGE_BY_LABEL
 from ophglm.session import Session
 from ophglm.settings import Settings, load_settings
+from ophglm import tools as tools_package
+from ophglm.tools.anatomy import DISC_CUP_FILE
 from ophglm.tools.base import ToolError
 from ophglm.tools.classify_fundus import CLASSIFIER_FILE
 from ophglm.tools.registry import load_tools
@@ -50,12 +54,19 @@ def photographs(root: Path, scenarios: Path | None) -> list:
             if split_of(r.group) == "val" and str(r.path.relative_to(root)) not in asked]
 
 
+def tools_version(settings: Settings) -> str:
+    """What the cached findings depend on: the gate tools' weights files and the tools' source code."""
+    weights = [weights_fingerprint(weights_path(f, settings.weights_dir)) for f in (CLASSIFIER_FILE, SEGMENTER_FILE, DISC_CUP_FILE)]
+    source = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(tools_package.__file__).parent.glob("*.py"))))
+    return "+".join(weights + [source.hexdigest()[:12]])
+
+
 def examine(records: list, cache_path: Path, settings: Settings) -> dict[str, dict]:
-    """Findings of the gate tools per photograph, from the cache where these weights made them."""
-    weights = "+".join(weights_fingerprint(weights_path(f, settings.weights_dir)) for f in (CLASSIFIER_FILE, SEGMENTER_FILE))
+    """Findings of the gate tools per photograph, from the cache where these weights and this code made them."""
+    version = tools_version(settings)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if cache.get("weights") != weights:
-        cache = {"weights": weights, "findings": {}}
+    if cache.get("version") != version:
+        cache = {"version": version, "findings": {}}
     todo = [r for r in records if str(r.path) not in cache["findings"]]
     if todo:
         tools = load_tools(settings)
