@@ -33,8 +33,9 @@ MIN_DISC_PIXELS = 60  # a disc narrower than this in the source photograph is to
 CDR_REFERRAL = 0.7  # vertical CDR at or above this is a common glaucoma-suspect referral criterion
 # Where the lesion segmenter's disc-like region is no plausible disc size, the first crop is
 # framed for a disc this share of the field's width (IDRiD's discs: 0.117-0.189). On 17 such
-# validation photographs, by eye, 7 were then outlined at a plausible size on the disc; the
-# outline of 8 grew implausible (5 were not the disc, 3 were) and is refused.
+# validation photographs, by eye, 7 were then outlined at a plausible size on the disc and 2
+# where the disc was unclear; the outline of 8 grew implausible (5 were not the disc, 3 were)
+# and is refused.
 TYPICAL_DISC_WIDTH_SHARE = 0.15
 
 
