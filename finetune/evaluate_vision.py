@@ -77,13 +77,20 @@ def eval_classifier(root: Path, tool: ClassifyFundus) -> dict | None:
 
 
 def _lesion_scores(pixels: list[tuple[np.ndarray, np.ndarray, np.ndarray]], tool: SegmentLesions) -> dict:
-    """AUPR and Dice per class over every photograph's (probabilities, truths, field) pixels together."""
-    report = {"images": len(pixels), "aupr": {}, "dice": {}}
+    """AUPR and Dice per class over every photograph's (probabilities, truths, field) pixels together.
+
+    Pooled, as the IDRiD challenge scored, one photograph with a vast lesion weighs most (of
+    the 5 held-out exact-mask photographs, IDRiD_17 holds 93% of the haemorrhage pixels), so
+    the median of each photograph's own AUPR (over those that have the lesion) is given beside it.
+    """
+    report = {"images": len(pixels), "aupr": {}, "dice": {}, "aupr_per_photograph_median": {}}
     for k, c in enumerate(tool.config["classes"]):
         p = np.concatenate([probs[k][field] for probs, _, field in pixels])
         t = np.concatenate([truths[k][field] for _, truths, field in pixels])
         report["aupr"][c] = round(aupr(p, t), 4)
         report["dice"][c] = round(dice(p > tool.config["thresholds"][c], t), 4)
+        own = [aupr(probs[k][field], truths[k][field]) for probs, truths, field in pixels if truths[k][field].any()]
+        report["aupr_per_photograph_median"][c] = round(float(np.median(own)), 4) if own else None
     return report
 
 

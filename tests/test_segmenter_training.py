@@ -167,6 +167,10 @@ def test_exact_full_resolution_photographs_train_and_are_reported_apart(tmp_path
     scores = eval_lesions(root, tool)
     assert scores["exact_masks_full_resolution"]["images"] == 1 and scores["approximate_masks_512px"]["images"] == 1
     assert all(0.0 <= v <= 1.0 for v in scores["exact_masks_full_resolution"]["aupr"].values() if v == v)
+    exact = scores["exact_masks_full_resolution"]
+    assert any(v is not None for v in exact["aupr_per_photograph_median"].values())
+    for c, median in exact["aupr_per_photograph_median"].items():  # one photograph: its own AUPR is the pooled one
+        assert median is None or median == exact["aupr"][c]
     tool.config = {k: v for k, v in config.items() if k != "exact_mask_validation_percent"}  # older weights had trained on it
     assert "exact_masks_full_resolution" not in eval_lesions(root, tool)
 
