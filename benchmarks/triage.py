@@ -30,12 +30,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ophglm import tools as tools_package
 from ophglm.agent.triage import triage
 from ophglm.finetune.datasets import classification_records, split_of
 from ophglm.finetune.scenarios import TRIAGE_BY_LABEL
 from ophglm.session import Session
 from ophglm.settings import Settings, load_settings
-from ophglm import tools as tools_package
 from ophglm.tools.anatomy import DISC_CUP_FILE
 from ophglm.tools.base import ToolError
 from ophglm.tools.classify_fundus import CLASSIFIER_FILE

@@ -157,7 +157,10 @@ def test_a_disc_fragment_is_reframed_at_a_typical_size_and_an_implausible_outlin
     assert measured.width_share == pytest.approx(disc_width_share(planted, fundus.fov), rel=0.2), "the outline is the planted disc's"
     result = tool._result("img-x", measured)
     assert "disc/cup model alone" in result.summary and type(result.findings["disc_width_share"]["value"]) is float
+    assert result.findings["lesion_disc_width_share"]["value"] == round(measured.lesion_width_share, 3)
     whole = tool.disc_masks_batch([photo], [Masks(square, {"OD": fundus.masks["OD"]}, fov, {})])[0]
-    assert tool._result("img-x", whole).findings["vertical_cdr"]["value"] == pytest.approx(result.findings["vertical_cdr"]["value"], abs=0.05)
+    framed_on_the_disc = tool._result("img-x", whole)
+    assert framed_on_the_disc.findings["vertical_cdr"]["value"] == pytest.approx(result.findings["vertical_cdr"]["value"], abs=0.05)
+    assert "lesion_disc_width_share" not in framed_on_the_disc.findings
     with pytest.raises(ToolError, match="not found reliably"):
         tool._result("img-x", MeasuredDisc(measured.masks, measured.diameter, 0.4, measured.lesion_width_share))

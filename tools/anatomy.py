@@ -163,7 +163,8 @@ class MeasureOpticDisc(Tool):
         }
         summary = f"Vertical cup-to-disc ratio of {image_id}: {cdr:.2f}"
         summary += f" (at or above {CDR_REFERRAL}, where an optic nerve assessment is usually advised)." if cdr >= CDR_REFERRAL else f" (below {CDR_REFERRAL})."
-        if not DISC_WIDTH_SHARE[0] <= disc.lesion_width_share <= DISC_WIDTH_SHARE[1]:
+        if not DISC_WIDTH_SHARE[0] <= disc.lesion_width_share <= DISC_WIDTH_SHARE[1]:  # the figure the sentence gives is a finding too
+            findings["lesion_disc_width_share"] = {"value": round(disc.lesion_width_share, 3), "unit": "fraction of the field of view's width"}
             summary += (f" The disc was outlined by the disc/cup model alone: the lesion segmenter's disc-like region there is "
                         f"{disc.lesion_width_share:.2f} of the field's width, too {'small' if disc.lesion_width_share < DISC_WIDTH_SHARE[0] else 'large'} for a disc.")
         if coarse:
