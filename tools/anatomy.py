@@ -117,13 +117,16 @@ class MeasureOpticDisc(Tool):
             crops = [self._crop(*frames[i]) for i in active]
             reframe = []
             for i, crop, found in zip(active, crops, self.unet.masks(crops)):
-                full, x, y, diameter = frames[i]
+                full, x, y, _ = frames[i]
                 refined = find_disc(found["disc"])
+                if refined is None:  # no outline this round: nothing to measure, nothing to re-frame by
+                    measured[i] = None
+                    continue
                 size = found["disc"].shape[0]
                 to_full = crop.width / size
-                outlined = refined.diameter * to_full if refined else diameter
-                measured[i] = MeasuredDisc(found, outlined, outlined / field_widths[i], lesion_shares[i]) if refined else None
-                if refined is None or attempt == 2:
+                outlined = refined.diameter * to_full
+                measured[i] = MeasuredDisc(found, outlined, outlined / field_widths[i], lesion_shares[i])
+                if attempt == 2:
                     continue
                 expected = size / self.unet.config["crop_to_disc_diameter"]
                 off_centre = np.hypot(refined.x - size / 2, refined.y - size / 2) / expected
