@@ -55,10 +55,10 @@ def photographs(root: Path, scenarios: Path | None) -> list:
 
 
 def tools_version(settings: Settings) -> str:
-    """What the cached findings depend on: the gate tools' weights files and the tools' source code."""
+    """What the cached findings depend on: the gate tools' weights files, the tools' source code and the lesion views setting."""
     weights = [weights_fingerprint(weights_path(f, settings.weights_dir)) for f in (CLASSIFIER_FILE, SEGMENTER_FILE, DISC_CUP_FILE)]
     source = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(tools_package.__file__).parent.glob("*.py"))))
-    return "+".join(weights + [source.hexdigest()[:12]])
+    return "+".join(weights + [source.hexdigest()[:12], f"views{settings.lesion_views}"])
 
 
 def examine(records: list, cache_path: Path, settings: Settings) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""The Unet tools' batched paths (`run_batch`, what the tool server runs): one forward per batch, the same results as one at a time."""
+"""The Unet tools' batched paths (`run_batch`, what the tool server runs): one forward per batch (per flip view for the lesions), the same results as one at a time."""
 
 import base64
 import io
@@ -80,7 +80,7 @@ def test_segment_lesions_runs_one_forward_per_batch_and_fills_the_memo(tools, fu
     calls = _calls(fundus_images)
     with _forwards(segmenter.model) as sizes:
         batched = segmenter.run_batch(calls)
-    assert sizes == [len(fundus_images)]
+    assert sizes == [len(fundus_images)] * segmenter.views, "one forward per flip view, the whole batch in each"
     for b, s in zip(batched, single):
         _close(b.findings, s.findings)
         assert b.artifacts.keys() == s.artifacts.keys()
@@ -112,7 +112,7 @@ def test_measure_optic_disc_batches_the_locator_and_each_framing_round(tools, ph
         assert max(rounds) > 1, "no photograph was re-framed: pick others, or this test checks less than it says"
     with _forwards(tool.locator.model) as located, _forwards(tool.unet.model) as sizes:
         batched = tool.run_batch(_calls(fundus_images))
-    assert located == [len(fundus_images)]
+    assert located == [len(fundus_images)] * tool.locator.views
     # round r is one forward for the photographs that one-at-a-time runs took more than r forwards for
     assert sizes == [sum(n > r for n in rounds) for r in range(max(rounds))]
     for b, s in zip(batched, single):

@@ -25,6 +25,7 @@ def test_toml_then_environment_then_overrides(monkeypatch, tmp_path):
     ({"OPHGLM_LLM_BACKEND": "openai"}, "needs llm_base_url"),
     ({"OPHGLM_THREADS": "many"}, "OPHGLM_THREADS='many' is not a valid int"),
     ({"OPHGLM_DTYPE": "float8"}, "dtype must be one of"),
+    ({"OPHGLM_LESION_VIEWS": "8"}, "lesion_views must be 1 to 4"),
 ])
 def test_bad_settings_name_the_problem(monkeypatch, env, message):
     for key, value in env.items():

@@ -35,3 +35,4 @@ def test_the_findings_cache_is_keyed_by_every_gate_weights_file_and_the_tools_co
     original = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda p: original(p) + (b"# edited" if p.name == "anatomy.py" else b""))
     assert benchmark.tools_version(settings) != changed_weights, "a change to a tool's code re-examines the photographs"
+    assert benchmark.tools_version(Settings(weights_dir=str(tmp_path), lesion_views=1)) != benchmark.tools_version(settings)

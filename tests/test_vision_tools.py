@@ -134,6 +134,37 @@ def test_tiled_forward_blends_overlapping_tiles_into_the_whole_image_output():
         tiled_forward(pointwise, batch, 64, 64)
 
 
+def test_flip_views_are_averaged_each_mapped_back_onto_the_photograph():
+    import torch
+
+    from ophglm.tools.vision import flip_averaged
+
+    batch = torch.arange(2 * 1 * 4 * 6, dtype=torch.float32).view(2, 1, 4, 6)
+    assert torch.equal(flip_averaged(lambda x: x * 2, batch, 4), batch * 2), "a pixelwise network's views agree once flipped back"
+    ramp = torch.linspace(0, 1, 6)  # a network that favours the right-hand side: the views disagree, and the mean is theirs
+    views = [batch * ramp, (batch.flip(3) * ramp).flip(3), (batch.flip(2) * ramp).flip(2), (batch.flip((2, 3)) * ramp).flip((2, 3))]
+    for n in (1, 2, 4):
+        assert torch.allclose(flip_averaged(lambda x: x * ramp, batch, n), sum(views[:n]) / n)
+    with pytest.raises(ValueError, match="views must be 1 to 4"):
+        flip_averaged(lambda x: x, batch, 5)
+
+
+def test_segmenter_views_come_from_the_settings_and_the_disc_tool_shares_them(segmenter):
+    from ophglm.settings import load_settings
+    from ophglm.tools.registry import vision_tools
+
+    tools = {t.name: t for t in vision_tools(load_settings(lesion_views=2), "cpu")}
+    assert tools["segment_lesions"].views == 2 and tools["measure_optic_disc"].locator.views == 2, "one memo per photograph, one way of making it"
+    segmenter.setup()
+    square = make_synthetic_fundus(512, seed=3).image
+    one_view = SegmentLesions(views=1)
+    one_view.model, one_view.config = segmenter.model, segmenter.config
+    averaged, single = segmenter.probabilities([square])[0], one_view.probabilities([square])[0]
+    assert averaged.shape == single.shape and 0 < np.abs(averaged - single).mean() < 0.01, "the views differ a little, pixel by pixel"
+    disc = segmenter.config["classes"].index("OD")
+    assert aupr(averaged[disc], make_synthetic_fundus(512, seed=3).masks["OD"]) > 0.5
+
+
 def test_tiled_forward_keeps_its_work_on_the_batch_device():
     import torch
 
@@ -161,6 +192,8 @@ def test_eval_vision_speed_compares_each_tool_call_with_its_bare_forward(classif
     assert set(report) == set(tools) and all(r["tool_images_per_second"] > 0 for r in report.values())
     for name in ("classify_fundus", "segment_lesions", "measure_vessels"):  # the three with one network of their own
         assert report[name]["forward_images_per_second"] > 0 and report[name]["tool_over_forward_time"] > 0, report[name]
+        assert report[name]["tool_minus_forward_ms"] < 1000 / report[name]["tool_images_per_second"], "the tool's time less the forward's"
+    assert report["segment_lesions"]["views"] == segmenter.views, "its bare forward is every view it averages"
     assert "forward_images_per_second" not in report["measure_optic_disc"]  # two networks, up to three rounds: no one forward
 
 

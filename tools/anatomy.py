@@ -24,7 +24,7 @@ from ophglm.session import Session
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import ImageInput, Tool, ToolError, ToolResult
 from ophglm.tools.measurements import DISC_WIDTH_SHARE, disc_width_share, find_disc, vertical_cdr
-from ophglm.tools.segment_lesions import Masks, SegmentLesions
+from ophglm.tools.segment_lesions import LESION_VIEWS, Masks, SegmentLesions
 from ophglm.tools.vision import Photo, as_photo, fov_mask, fundus_square, load_weights, to_tensor, weights_path
 
 DISC_CUP_FILE = "fundus_disc_cup.safetensors"
@@ -76,10 +76,10 @@ class MeasureOpticDisc(Tool):
     )
     inputs = ImageInput
 
-    def __init__(self, weights_dir: str = "", device: str = "cpu"):
+    def __init__(self, weights_dir: str = "", device: str = "cpu", lesion_views: int = LESION_VIEWS):
         super().__init__()
         self.weights_dir, self.device = weights_dir, device
-        self.locator = SegmentLesions(weights_dir, device)
+        self.locator = SegmentLesions(weights_dir, device, lesion_views)  # as segment_lesions: they share each photograph's masks
 
     def setup(self) -> None:
         self.locator.setup()

@@ -28,7 +28,8 @@ def vision_tools(settings: Settings, device: str | None = None) -> list[Tool]:
 
     device = device or settings.torch_device()
     weights = settings.weights_dir
-    return [AssessQuality(), ClassifyFundus(weights, device), SegmentLesions(weights, device), MeasureOpticDisc(weights, device),
+    views = settings.lesion_views
+    return [AssessQuality(), ClassifyFundus(weights, device), SegmentLesions(weights, device, views), MeasureOpticDisc(weights, device, views),
             MeasureVessels(weights, device)]
 
 

@@ -24,7 +24,7 @@ from ophglm.settings import cpu_has_native_bf16
 from ophglm.tools.assess_quality import gradable_photo
 from ophglm.tools.base import Artifact, ImageInput, Tool, ToolResult
 from ophglm.tools.measurements import DISC_WIDTH_SHARE, MACULA_RADIUS_DD, disc_width_share, find_disc, locate_fovea, nearest_distance_dd
-from ophglm.tools.vision import Photo, as_photo, fov_mask, load_weights, tiled_forward, to_tensor, weights_path
+from ophglm.tools.vision import Photo, as_photo, flip_averaged, fov_mask, load_weights, tiled_forward, to_tensor, weights_path
 
 SEGMENTER_FILE = "fundus_lesions.safetensors"
 LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates (cotton-wool spots)"}
@@ -32,6 +32,10 @@ OVERLAY_COLOURS = {"MA": (255, 255, 255), "HE": (255, 0, 0), "EX": (0, 120, 255)
 MIN_COMPONENT_PIXELS_AT_512 = 3  # on a 512 px square (4x that at 1024): smaller specks are noise, not a countable lesion
 LESION_MASKS = "lesion_masks"  # the session memo of `masks_batch`, by photograph
 MAX_TILE = 1024  # px: a larger fundus square (a model trained at 2048 on a GPU) is segmented in overlapping tiles
+# Flip views averaged (vision.flip_averaged): on the 13 held-out IDRiD photographs 4 views
+# raised every class's AUPR (exact masks MA 0.35 -> 0.37, HE 0.32 -> 0.38, EX 0.75 -> 0.77, SE 0.66 -> 0.70) at 4x
+# the forward time; 8 (adding the transposes) gained at most 0.008 more. Settings.lesion_views changes it.
+LESION_VIEWS = 4
 
 
 class Masks(NamedTuple):
@@ -85,20 +89,24 @@ class SegmentLesions(Tool):
     )
     inputs = ImageInput
 
-    def __init__(self, weights_dir: str = "", device: str = "cpu"):
+    def __init__(self, weights_dir: str = "", device: str = "cpu", views: int = LESION_VIEWS):
         super().__init__()
-        self.weights_dir, self.device = weights_dir, device
+        self.weights_dir, self.device, self.views = weights_dir, device, views
 
     def setup(self) -> None:
         self.model, self.config = load_weights(weights_path(SEGMENTER_FILE, self.weights_dir), self.device)
 
     @torch.inference_mode()
     def probabilities(self, squares: list[Image.Image]) -> np.ndarray:
-        """Batched path: (N, classes, size, size) probabilities for fundus squares."""
+        """Batched path: (N, classes, size, size) probabilities for fundus squares, averaged over the flip views."""
         size = self.config["image_size"]
         batch = torch.stack([to_tensor(im, size) for im in squares]).to(self.device)
         with self.autocast():
-            return tiled_forward(self.model, batch, MAX_TILE, MAX_TILE // 8).sigmoid().cpu().numpy()
+            return flip_averaged(self.forward, batch, self.views).cpu().numpy()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities of one view of a normalised batch (tiled above MAX_TILE px)."""
+        return tiled_forward(self.model, batch, MAX_TILE, MAX_TILE // 8).sigmoid()
 
     def autocast(self) -> torch.autocast:
         """bf16 where the hardware computes it natively, as training validated and chose thresholds: 1.5x faster at 1024 px."""
