@@ -156,13 +156,14 @@ def test_segmenter_views_come_from_the_settings_and_the_disc_tool_shares_them(se
     tools = {t.name: t for t in vision_tools(load_settings(lesion_views=2), "cpu")}
     assert tools["segment_lesions"].views == 2 and tools["measure_optic_disc"].locator.views == 2, "one memo per photograph, one way of making it"
     segmenter.setup()
-    square = make_synthetic_fundus(512, seed=3).image
+    fundus = make_synthetic_fundus(512, seed=3)
+    square = fundus.image
     one_view = SegmentLesions(views=1)
     one_view.model, one_view.config = segmenter.model, segmenter.config
     averaged, single = segmenter.probabilities([square])[0], one_view.probabilities([square])[0]
     assert averaged.shape == single.shape and 0 < np.abs(averaged - single).mean() < 0.01, "the views differ a little, pixel by pixel"
     disc = segmenter.config["classes"].index("OD")
-    assert aupr(averaged[disc], make_synthetic_fundus(512, seed=3).masks["OD"]) > 0.5
+    assert aupr(averaged[disc], fundus.masks["OD"]) > 0.5
 
 
 def test_tiled_forward_keeps_its_work_on_the_batch_device():
