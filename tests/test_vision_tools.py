@@ -166,10 +166,10 @@ def test_segmenter_views_come_from_the_settings_and_the_disc_tool_shares_them(se
     assert aupr(averaged[disc], fundus.masks["OD"]) > 0.5
 
 
-def test_tiled_forward_keeps_its_work_on_the_batch_device():
+def test_tiled_forward_and_flip_views_keep_their_work_on_the_batch_device():
     import torch
 
-    from ophglm.tools.vision import tiled_forward
+    from ophglm.tools.vision import flip_averaged, tiled_forward
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -178,6 +178,8 @@ def test_tiled_forward_keeps_its_work_on_the_batch_device():
     on_gpu = tiled_forward(local.cuda(), batch.cuda(), 64, 16)
     assert on_gpu.device.type == "cuda"
     assert torch.allclose(on_gpu.cpu(), tiled_forward(local.cpu(), batch, 64, 16), atol=1e-4)
+    views = flip_averaged(local.cuda(), batch.cuda(), 4)
+    assert views.device.type == "cuda" and torch.allclose(views.cpu(), flip_averaged(local.cpu(), batch, 4), atol=1e-4)
 
 
 def test_eval_vision_speed_compares_each_tool_call_with_its_bare_forward(classifier, segmenter):
