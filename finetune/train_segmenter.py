@@ -37,8 +37,8 @@ from ophglm.finetune.datasets import (DISC_CUP_CLASSES, EXACT_MASK_VALIDATION_PE
 from ophglm.finetune.metrics import aupr, dice, pixel_auroc
 from ophglm.finetune.model_card import write_model_card
 from ophglm.settings import cpu_has_native_bf16
-from ophglm.tools.segment_lesions import without_specks
-from ophglm.tools.vision import (IMAGENET_MEAN, IMAGENET_STD, create_segmenter, fov_mask, fundus_box, fundus_square, load_weights,
+from ophglm.tools.segment_lesions import LESION_VIEWS, without_specks
+from ophglm.tools.vision import (IMAGENET_MEAN, IMAGENET_STD, create_segmenter, flip_averaged, fov_mask, fundus_box, fundus_square, load_weights,
                                 save_weights, square_crop, weights_config)
 
 
@@ -57,6 +57,7 @@ class SegmentationTask:
     title: str
     description: str
     data_note: str
+    views: int = 1  # flip views the tool averages: the thresholds are chosen on probabilities made the same way
 
 
 TASKS = {
@@ -71,7 +72,7 @@ TASKS = {
         "`../shared/data/idrid_fullres` (IDRiD, CC BY 4.0: exact masks, cropped to the aperture and area-resampled) and, for "
         "the other IDRiD photographs, `../shared/data/idrid_512` (masks approximate, recovered from JPEG renderings, upsampled); "
         "as lesion-free examples the normal photographs of the classifier's training split (classify_4class ODIR/EyePACS-style, "
-        "PALM, IDRiD normals; optic disc not annotated there, so its channel is left out of their loss)"),
+        "PALM, IDRiD normals; optic disc not annotated there, so its channel is left out of their loss)", views=LESION_VIEWS),
     "disc_cup": SegmentationTask(
         DISC_CUP_CLASSES, disc_cup_records, "tools/weights/fundus_disc_cup.safetensors", 256, 256, 0, False,
         lambda r: split_of(r.group), f"a fixed {VALIDATION_PERCENT}% of the photographs by hashed id", 0,
@@ -226,11 +227,12 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def _predict(model, images: np.ndarray) -> np.ndarray:
+def _predict(model, images: np.ndarray, views: int = 1) -> np.ndarray:
+    """Probabilities for (N, H, W, 3) uint8 images, averaged over `views` flips as the tool does (vision.flip_averaged)."""
     model.eval()
+    batches = (_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy())) for i in range(0, len(images), 2))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
-        return np.concatenate([model(_normalise(torch.from_numpy(images[i:i + 2].transpose(0, 3, 1, 2).copy()))).float().sigmoid().numpy()
-                               for i in range(0, len(images), 2)])
+        return np.concatenate([flip_averaged(lambda x: model(x).float().sigmoid(), batch, views).numpy() for batch in batches])
 
 
 def _validate(probs: np.ndarray, masks: np.ndarray, valid: np.ndarray, known: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
@@ -330,7 +332,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
             best, best_state, best_epoch = mean, {k: v.clone() for k, v in model.state_dict().items()}, epoch
 
     model.load_state_dict(best_state)
-    probs = _predict(model, val_x)
+    probs = _predict(model, val_x, task.views)  # epochs were compared on one view; thresholds and the report use the tool's views
     thresholds, dices = {}, {}
     for k, c in enumerate(task.classes):
         inside = val_valid & val_known[:, k, None, None]
@@ -343,7 +345,7 @@ def train_segmenter(cfg: SegmenterConfig) -> dict:
         "best_epoch": best_epoch, "minutes": round((time.monotonic() - start) / 60, 1),
         "aupr": {k: round(v, 4) for k, v in _validate(probs[annotated], val_y[annotated], val_valid[annotated], val_known[annotated], task.classes).items()},
         "auroc": {c: round(pixel_auroc(probs[annotated, k][inside], val_y[annotated, k][inside]), 4) for k, c in enumerate(task.classes)},
-        "dice_at_threshold": dices, "thresholds": thresholds,
+        "dice_at_threshold": dices, "thresholds": thresholds, "views": task.views,
     }
     exact = np.array([r.exact for r in val], bool)
     if exact.any():  # the photographs whose masks are exact, not recovered from a 512 px rendering

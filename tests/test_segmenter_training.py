@@ -9,6 +9,7 @@ from PIL import Image
 
 from ophglm.finetune.datasets import SEGMENTER_CLASSES, split_of
 from ophglm.finetune.train_segmenter import SegmenterConfig, _loss, normal_photographs, train_segmenter
+from ophglm.tools.segment_lesions import LESION_VIEWS
 from ophglm.tools.synthetic_fundus import make_synthetic_fundus
 from ophglm.tools.vision import load_weights, save_weights
 
@@ -56,6 +57,7 @@ def test_lesion_training_uses_normals_and_reports_marks_on_them(tmp_path):
     assert report["train_normals"] == 3 and report["validation_normals"] == 2 and report["validation_images"] == 1
     assert 0.0 <= report["normals_marked_share"] <= 1.0 and report["normals_marked_field_percent"] >= 0.0
     assert set(report["aupr_with_normals"]) == set(SEGMENTER_CLASSES)
+    assert report["views"] == LESION_VIEWS, "thresholds are chosen on probabilities averaged over the views segment_lesions averages"
     model, config = load_weights(out)
     assert config["recipe"]["negative_share"] == 0.5 and config["classes"] == list(SEGMENTER_CLASSES)
     assert "--negative-share 0.5 --image-size 512 --crop 256" in out.with_suffix(".md").read_text(), "the card says the defaults it ran with"
