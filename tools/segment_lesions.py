@@ -32,9 +32,9 @@ OVERLAY_COLOURS = {"MA": (255, 255, 255), "HE": (255, 0, 0), "EX": (0, 120, 255)
 MIN_COMPONENT_PIXELS_AT_512 = 3  # on a 512 px square (4x that at 1024): smaller specks are noise, not a countable lesion
 LESION_MASKS = "lesion_masks"  # the session memo of `masks_batch`, by photograph
 MAX_TILE = 1024  # px: a larger fundus square (a model trained at 2048 on a GPU) is segmented in overlapping tiles
-# Flip views averaged (vision.flip_averaged): on the 13 held-out IDRiD photographs 4 views
-# raised every class's AUPR (exact masks MA 0.35 -> 0.37, HE 0.32 -> 0.38, EX 0.75 -> 0.77, SE 0.66 -> 0.70) at 4x
-# the forward time; 8 (adding the transposes) gained at most 0.008 more. Settings.lesion_views changes it.
+# Flip views averaged (vision.flip_averaged): 4 raised every class's AUPR on the held-out IDRiD
+# photographs at 4x the forward time, 8 gained at most 0.008 more (fundus_lesions.md). Settings.lesion_views
+# changes it; its default must stay this one.
 LESION_VIEWS = 4
 
 
