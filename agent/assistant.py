@@ -1,30 +1,26 @@
-"""One OphGLM conversation: LangChain's `create_agent` loop over our tools, gated and checked.
+"""One OphGLM conversation: the examination pipeline, then LangChain's `create_agent` loop, then the check.
 
-Deterministic gates act before the LLM must decide (STACK.md: a small model's weakest
-skill is choosing the next tool): a turn that brings a photograph first runs the quality
-gate (a rejected image ends the turn with a refusal and its reason, no LLM and no
-diagnosis), then the classifier, the lesion segmenter and the disc measurement, then the
-triage rule table as a tool (so the LLM reads the level it explains); a question that asks
-for a finer measurement by name (the vessels) runs that tool on the conversation's latest
-examined photograph (the fine-tuned SmolLM2 never learnt to call it); every turn retrieves
-knowledge before the LLM writes, and an off-topic text question (nothing retrieved, no
-photograph in the conversation) is refused without the LLM. The LLM may call further tools itself. Its answer is then checked against this turn's tool results
-(grounding.py), the triage level comes from the rule table (triage.py), and the reply
-carries findings, citations, the overlay and the disclaimer.
+A turn that brings a photograph first runs the examination (examination.py: quality gate,
+classifier, lesions, disc, triage rule table), once, as pipeline steps; a rejected image ends
+the turn with a refusal and its reason, without the LLM. The routers the settings switch on
+(routers.py) may then run a tool in the model's stead, also as pipeline steps. The LLM reads
+all of it as tool results in its prompt (the format it was fine-tuned on) and may call
+further tools itself: those, and only those, are its own calls. Its answer is checked
+against the conversation's tool results (grounding.py) and the reply is composed (reply.py),
+marking who did and wrote what.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ToolTimeout
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
@@ -33,14 +29,17 @@ from langchain_core.tools import StructuredTool
 from langgraph.checkpoint.memory import InMemorySaver
 from PIL import Image
 
-from ophglm import DISCLAIMER
-from ophglm.agent.grounding import CITATION, NUMBER, check_answer
-from ophglm.agent.triage import Triage, TriageFindings, triage
-from ophglm.knowledge.lexical import best_sentences
+from ophglm.agent.examination import (EXAMINE, MODEL, PIPELINE, QUALITY_GATE, TRIAGE, Examination, Step, examine,
+                                      from_findings)
+from ophglm.agent.reply import Reply, ToolCallRecord, Turn, compose
+from ophglm.agent.routers import OUT_OF_SCOPE, asks_about_vessels, knowledge_query
+from ophglm.agent.triage import TriageFindings, triage
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
-from ophglm.tools.classify_fundus import LABELS, probabilities_of
+from ophglm.tools.classify_fundus import probabilities_of
+
+__all__ = ["Assistant", "Reply", "ToolCallRecord", "SYSTEM_PROMPT"]
 
 SYSTEM_PROMPT = (
     "You are OphGLM, an assistant for eye-care questions and colour fundus photographs. "
@@ -49,141 +48,39 @@ SYSTEM_PROMPT = (
     "for example [glaucoma#causes-and-symptoms]. If the tools found nothing relevant, say that you do not know. "
     "You do not diagnose: you describe what the tools found."
 )
-QUALITY_GATE = "assess_quality"
 AUDIT = logging.getLogger("ophglm.audit")
-OUT_OF_SCOPE = ("I can only help with questions about the eyes and with colour fundus photographs, "
-                "and the knowledge base has nothing on this question.")
 log = logging.getLogger(__name__)
-EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
-TRIAGE = "triage_findings"
-NOT_A_DIAGNOSIS = "not a diagnosis"
 MAX_MODEL_CALLS = 3  # the LLM's own steps per turn: then it must answer without tools
-GATE_CALL = "gate_"  # id prefix of the calls the gates make (they are not the LLM's steps)
-# Finer tools a question asks for by name: what it must mention for the gates to run the tool.
-ASKED_FOR = {"measure_vessels": re.compile(
-    r"\b(blood vessels?|vessels?|vascular\w*|vasculature|arteries|arterial|arterioles?|veins?|venous|venules?)\b", re.I)}
+PIPELINE_CALL = "pipeline_"  # id prefix of the pipeline's calls in the conversation (they are not the LLM's steps)
 
 
 def _call(name: str, args: dict) -> dict:
-    return {"name": name, "args": args, "id": f"{GATE_CALL}{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+    return {"name": name, "args": args, "id": f"{PIPELINE_CALL}{uuid.uuid4().hex[:12]}", "type": "tool_call"}
 
 
-def is_gate_step(message) -> bool:
-    return isinstance(message, AIMessage) and bool(message.tool_calls) and all(c["id"].startswith(GATE_CALL) for c in message.tool_calls)
+def is_pipeline_step(message) -> bool:
+    return isinstance(message, AIMessage) and bool(message.tool_calls) and all(c["id"].startswith(PIPELINE_CALL) for c in message.tool_calls)
 
 
-def rejected_image(turn: list) -> str:
-    """The refusal for a photograph the quality gate rejected in this turn, else ''."""
-    for message in turn:
-        findings = (message.artifact or {}).get("findings", {}) if isinstance(message, ToolMessage) and message.name == QUALITY_GATE else {}
-        if findings and not (findings["is_fundus"] and findings["gradable"]):
-            return (f"I cannot assess this image: it is {findings['verdict']}. "
-                    "Please send a clear colour photograph of the back of the eye (a fundus photograph).")
-    return ""
+class ModelSteps(AgentMiddleware):
+    """The LLM's own steps: timed, capped at MAX_MODEL_CALLS per turn, skipped when the pipeline refused."""
 
-
-def out_of_scope(messages: list, turn: list) -> str:
-    """The refusal for a text question the knowledge base has nothing on, in a conversation without photographs."""
-    searched = [m for m in turn if isinstance(m, ToolMessage) and m.name == "search_knowledge" and "error" not in (m.artifact or {})]
-    # A conversation about a photograph (even a rejected one) is in scope: the LLM answers follow-ups.
-    photographed = any(isinstance(m, ToolMessage) and m.name == QUALITY_GATE for m in messages)
-    if searched and not photographed and not any(m.artifact["findings"].get("passages") for m in searched):
-        return OUT_OF_SCOPE
-    return ""
-
-
-def _examined_photo(messages: list) -> str | None:
-    """The latest photograph of the conversation, if the classifier examined it (it passed the quality gate)."""
-    latest = next((m.additional_kwargs["image_id"] for m in reversed(messages) if isinstance(m, HumanMessage) and m.additional_kwargs.get("image_id")), None)
-    examined = any(isinstance(m, ToolMessage) and m.name == "classify_fundus" and "error" not in (m.artifact or {})
-                   and (m.artifact or {}).get("findings", {}).get("image_id") == latest for m in messages)
-    return latest if examined else None
-
-
-def _this_turn(messages: list) -> tuple[HumanMessage | None, list]:
-    for i in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[i], HumanMessage):
-            return messages[i], messages[i + 1:]
-    return None, list(messages)
-
-
-class ToolGates(AgentMiddleware):
-    """Run the examination and retrieval tools before the LLM's first step of a turn."""
-
-    def __init__(self, tool_names: set[str]):
+    def __init__(self):
         super().__init__()
-        self.tool_names = tool_names
-        self.model_seconds: list[float] = []  # the LLM's own calls this turn (the Assistant resets it)
+        self.model_seconds: list[float] = []  # the LLM's calls this turn (the Assistant resets it)
+        self.refusal = ""  # set by the Assistant when the pipeline ends the turn
 
     def wrap_model_call(self, request, handler):
-        human, turn = _this_turn(request.messages)
-        if human is None:
-            return handler(request)
-        done = {m.name for m in turn if isinstance(m, ToolMessage)}
-        image_id = human.additional_kwargs.get("image_id")
-        if image_id and QUALITY_GATE in self.tool_names and QUALITY_GATE not in done:
-            return AIMessage(content="", tool_calls=[_call(QUALITY_GATE, {"image_id": image_id})])
-        if image_id and (refusal := rejected_image(turn)):
-            return AIMessage(content=refusal)
-        if image_id and not done & set(EXAMINE):
-            calls = [_call(name, {"image_id": image_id}) for name in EXAMINE if name in self.tool_names]
-            if calls:
-                return AIMessage(content="", tool_calls=calls)
-        if image_id and TRIAGE in self.tool_names and TRIAGE not in done and "classify_fundus" in done:
-            return AIMessage(content="", tool_calls=[_call(TRIAGE, {"image_id": image_id})])
-        question = human.additional_kwargs.get("question", human.text)
-        asked = [name for name, pattern in ASKED_FOR.items() if name in self.tool_names and name not in done and pattern.search(question)]
-        if asked and (photo := _examined_photo(request.messages)):
-            return AIMessage(content="", tool_calls=[_call(name, {"image_id": photo}) for name in asked])
-        if "search_knowledge" in self.tool_names and "search_knowledge" not in done:
-            return AIMessage(content="", tool_calls=[_call("search_knowledge", {"query": self._query(human, turn)})])
-        if refusal := out_of_scope(request.messages, turn):
-            return AIMessage(content=refusal)
-        if sum(isinstance(m, AIMessage) and not is_gate_step(m) for m in turn) >= MAX_MODEL_CALLS:
+        if self.refusal:
+            return AIMessage(content=self.refusal, additional_kwargs={"by": PIPELINE})
+        turn = request.messages[max((i for i, m in enumerate(request.messages) if isinstance(m, HumanMessage)), default=-1) + 1:]
+        if sum(isinstance(m, AIMessage) and not is_pipeline_step(m) for m in turn) >= MAX_MODEL_CALLS:
             request = request.override(tools=[])
         start = time.perf_counter()
         try:
             return handler(request)
         finally:
             self.model_seconds.append(time.perf_counter() - start)
-
-    @staticmethod
-    def _query(human: HumanMessage, turn: list) -> str:
-        question = human.additional_kwargs.get("question", human.text)
-        for message in turn:  # an examined photograph: look up what the classifier found
-            findings = (message.artifact or {}).get("findings", {}) if isinstance(message, ToolMessage) else {}
-            if message.name == "classify_fundus" and findings.get("most_likely"):
-                label = LABELS.get(findings["most_likely"], findings["most_likely"])
-                return f"{label}: signs and referral urgency. {question}"[:500]
-        return question[:500]
-
-
-@dataclass
-class ToolCallRecord:
-    name: str
-    args: dict
-    ok: bool
-    summary: str
-    seconds: float = 0.0
-
-
-@dataclass
-class Reply:
-    answer: str
-    tool_calls: list[ToolCallRecord] = field(default_factory=list)
-    findings: dict[str, Any] = field(default_factory=dict)
-    citations: list[dict] = field(default_factory=list)
-    artifacts: list[str] = field(default_factory=list)
-    triage: Triage | None = None
-    refused: bool = False
-    refusal_reason: str = ""
-    notes: list[str] = field(default_factory=list)
-    # Wall-clock seconds: the whole turn, the LLM's own calls, each tool call (in ToolCallRecord).
-    timings: dict[str, float] = field(default_factory=dict)
-    disclaimer: str = DISCLAIMER
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _audit(name: str, arguments: dict, error: str | None, start: float) -> None:
@@ -193,14 +90,23 @@ def _audit(name: str, arguments: dict, error: str | None, start: float) -> None:
                            "ms": round(1000 * (time.perf_counter() - start), 1)}))
 
 
+def _step(message: ToolMessage, args: dict, by: str) -> Step:
+    artifact = message.artifact or {}
+    ok = "error" not in artifact and message.status != "error"
+    return Step(message.name, args, ok, message.text if ok else artifact.get("error", message.text), artifact.get("findings", {}) if ok else {},
+                artifact.get("citations", []), artifact.get("artifacts", []), artifact.get("seconds", 0.0), by)
+
+
 class Assistant:
     """A multi-turn conversation with its own session, tools and chat model."""
 
-    def __init__(self, settings: Settings, chat_model=None, tools: dict[str, Tool] | None = None, checkpointer=None, thread_id: str | None = None):
+    def __init__(self, settings: Settings, chat_model=None, tools: dict[str, Tool] | None = None, checkpointer=None,
+                 thread_id: str | None = None, routers: tuple[str, ...] | None = None):
         from ophglm.agent.chat_models import make_chat_model
         from ophglm.tools.registry import load_tools
 
         self.settings = settings
+        self.routers = settings.router_names if routers is None else tuple(routers)
         self.session = Session()
         self.tools = tools if tools is not None else load_tools(settings)
         if "classify_fundus" in self.tools and TRIAGE not in self.tools:
@@ -211,12 +117,13 @@ class Assistant:
         # Tools run in worker threads so a hung tool can be abandoned after settings.tool_timeout_s.
         self._tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ophglm-tool")
         self.thread = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}, "recursion_limit": 24}
-        self.gates = ToolGates(set(self.tools))
+        self.model_steps = ModelSteps()
+        self.langchain_tools = {name: self._langchain_tool(t) for name, t in self.tools.items()}
         self.graph = create_agent(
             self.chat_model,
-            [self._langchain_tool(t) for t in self.tools.values()],
+            list(self.langchain_tools.values()),
             system_prompt=SYSTEM_PROMPT,
-            middleware=[self.gates],
+            middleware=[self.model_steps],
             checkpointer=checkpointer if checkpointer is not None else InMemorySaver(),
         )
 
@@ -261,6 +168,15 @@ class Assistant:
             return self.session.add_image(decode_image(image, "uploaded image"), image)
         return self.session.add_image_file(image)
 
+    def _pipeline_runner(self, calls: list[tuple[dict, ToolMessage]]):
+        """A Runner for examine() and the routers: each call goes through the same tool wrapper the LLM's calls use."""
+        def run(name: str, args: dict) -> Step:
+            call = _call(name, args)
+            message = self.langchain_tools[name].invoke(call, config={"metadata": {"by": PIPELINE}})
+            calls.append((call, message))
+            return _step(message, args, PIPELINE)
+        return run
+
     def ask(self, text: str, image: str | Path | bytes | Image.Image | None = None, on_token: Callable[[str], None] | None = None) -> Reply:
         """One turn: the question (and optionally a new photograph) in, a checked reply out."""
         text = text.strip()
@@ -268,96 +184,100 @@ class Assistant:
             raise ValueError("the question is empty")
         extra: dict[str, str] = {"question": text}
         content = text
+        started = time.perf_counter()
+        self.model_steps.model_seconds, self.model_steps.refusal = [], ""
+        history = self._messages()
+        calls: list[tuple[dict, ToolMessage]] = []
+        run = self._pipeline_runner(calls)
+        examination = None
         if image is not None:
             image_id = self.add_image(image)
             extra["image_id"] = image_id
             content = f"{text}\n[Fundus photograph attached: image_id={image_id}]"
-        before = len(self._messages())
+            examination = examine(self.session, image_id, self.tools, run=run)
+            self.model_steps.refusal = examination.refusal
+        self._route(text, examination, history, run)
+        before = len(history)
         failure = ""
-        started, self.gates.model_seconds = time.perf_counter(), []
         try:
-            for chunk, _ in self.graph.stream({"messages": [HumanMessage(content=content, additional_kwargs=extra)]}, self.thread, stream_mode="messages"):
+            messages = [HumanMessage(content=content, additional_kwargs=extra), *_grouped(calls)]
+            for chunk, _ in self.graph.stream({"messages": messages}, self.thread, stream_mode="messages"):
                 if on_token and isinstance(chunk, AIMessageChunk) and chunk.text:
                     on_token(chunk.text)
         except Exception as err:  # the LLM endpoint down (or the model broken): answer with what the tools found
             log.exception("the agent loop failed")
             failure = f"{type(err).__name__}: {err}"
         history = self._messages()
-        reply = self._reply(history[before + 1:], history)
-        reply.timings = {"turn_s": round(time.perf_counter() - started, 3), "llm_s": round(sum(self.gates.model_seconds), 3),
-                         "llm_calls": len(self.gates.model_seconds), "tools_s": round(sum(c.seconds for c in reply.tool_calls), 3)}
+        reply = self._reply(text, history[before:], history, examination)
         if failure:
-            found = [c.summary for c in reply.tool_calls if c.ok and c.name != "search_knowledge"]
-            reply.answer = ("The language model failed, so there is no written answer this time. "
-                            + ("What the tools found: " + " ".join(found) if found else "No tool results either.")).strip()
             reply.notes.append(f"the language model failed: {failure}")
+            reply.answer = f"The language model failed, so there is no written answer this time. {reply.answer}"
+        reply.timings = {"turn_s": round(time.perf_counter() - started, 3), "llm_s": round(sum(self.model_steps.model_seconds), 3),
+                         "llm_calls": len(self.model_steps.model_seconds), "tools_s": round(sum(c.seconds for c in reply.tool_calls), 3)}
         return reply
+
+    def _route(self, question: str, examination: Examination | None, history: list, run) -> None:
+        """The routers the settings switch on, and the off-topic gate: pipeline steps before the LLM."""
+        if self.model_steps.refusal:
+            return
+        latest = from_findings(self.session.findings)
+        if "vessels" in self.routers and "measure_vessels" in self.tools and latest and asks_about_vessels(question):
+            run("measure_vessels", {"image_id": latest.image_id})
+        if "knowledge" in self.routers and "search_knowledge" in self.tools:
+            most_likely = examination.classifier.most_likely if examination and examination.classifier else None
+            searched = run("search_knowledge", {"query": knowledge_query(question, most_likely)})
+            # A conversation about a photograph (even a rejected one) is in scope: the LLM answers follow-ups.
+            photographed = examination is not None or any(isinstance(m, ToolMessage) and m.name == QUALITY_GATE for m in history)
+            if searched.ok and not searched.findings.get("passages") and not photographed:
+                self.model_steps.refusal = OUT_OF_SCOPE
 
     def _messages(self) -> list:
         state = self.graph.get_state(self.thread)
         return list(state.values.get("messages", [])) if state and state.values else []
 
-    def _reply(self, turn: list, history: list) -> Reply:
-        reply = Reply(answer="")
+    def _reply(self, question: str, turn: list, history: list, examination: Examination | None) -> Reply:
+        calls = {c["id"]: c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls}
+        steps = [_step(m, calls.get(m.tool_call_id, {}).get("args", {}), PIPELINE if m.tool_call_id.startswith(PIPELINE_CALL) else MODEL)
+                 for m in turn if isinstance(m, ToolMessage)]
+        final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
+        by_pipeline = final is not None and final.additional_kwargs.get("by") == PIPELINE
         # A follow-up may quote an earlier turn's results: every tool result of the session is evidence.
         evidence = [m.text for m in history if isinstance(m, ToolMessage) and "error" not in (m.artifact or {})]
         retrieved = {c["id"]: c for m in history if isinstance(m, ToolMessage) for c in (m.artifact or {}).get("citations", [])}
-        passages = {pid: c.get("text", "") for pid, c in retrieved.items()}
+        examined_now = examination is not None and examination.accepted
+        # A photograph this turn that could not be examined (its tools failed) must not borrow an earlier one's findings.
+        examined = examination if examination is not None else from_findings(self.session.findings)
+        examined = examined if examined is not None and examined.accepted else None
+        reply = compose(Turn(
+            question=question, steps=steps, model_answer=None if by_pipeline else (final.text if final else ""),
+            refusal=final.text if by_pipeline else "", evidence=evidence, retrieved=retrieved,
+            probabilities=probabilities_of(self.session.findings.get("classify_fundus", {})),
+            urgency=triage(examined.findings) if examined else None, examined=examined,
+            examined_now=examined_now, tool_descriptions=tuple(t.description for t in self.tools.values())))
         for message in turn:
             if isinstance(message, AIMessage):
                 reply.notes += [f"unusable tool call from the model: {c['error']}" for c in message.invalid_tool_calls]
                 reply.notes += [f"repaired a tool call from the model: {r}" for r in message.response_metadata.get("repairs", [])]
                 if retried := message.response_metadata.get("retried"):
                     reply.notes.append(f"asked the model once more after an unusable tool call ({retried})")
-            if not isinstance(message, ToolMessage):
-                continue
-            artifact = message.artifact or {}
-            ok = "error" not in artifact and message.status != "error"
-            call = next((c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls if c["id"] == message.tool_call_id), {"args": {}})
-            reply.tool_calls.append(ToolCallRecord(message.name, call["args"], ok, message.text, artifact.get("seconds", 0.0)))
-            if not ok:
-                reply.notes.append(f"{message.name} failed: {artifact.get('error', message.text)}")
-                continue
-            if artifact.get("findings"):
-                reply.findings[message.name] = artifact["findings"]
-            reply.citations += [c for c in artifact.get("citations", []) if c["id"] not in {x["id"] for x in reply.citations}]
-            reply.artifacts += artifact.get("artifacts", [])
-        final = next((m for m in reversed(turn) if isinstance(m, AIMessage) and not m.tool_calls), None)
-        probabilities = probabilities_of(self.session.findings.get("classify_fundus", {}))
-        level = triage(self.session.findings)
-        grounded = check_answer(final.text if final else "", evidence, passages, probabilities, checks_urgency=True,
-                                urgency=level and level.level, tool_descriptions=tuple(t.description for t in self.tools.values()))
-        # Nothing of the model's answer held: the person still gets this turn's findings in the tools' own words,
-        # or the retrieved sentences that best answer the question, quoted and cited.
-        found = [c.summary for c in reply.tool_calls if c.ok and c.name not in ("search_knowledge", QUALITY_GATE, TRIAGE)]
-        question = next((m.additional_kwargs.get("question", m.text) for m in reversed(history) if isinstance(m, HumanMessage)), "")
-        quoted = [] if found else best_sentences(question, [(c["id"], c.get("text", "")) for c in reply.citations])
-        reply.answer = (grounded.text or ("What the tools found: " + " ".join(found) if found else "")
-                        or ("What the knowledge base says: " + " ".join(f"{s[:-1]} [{pid}]{s[-1]}" for pid, s in quoted) if quoted else "")
-                        or "I could not produce an answer supported by the tool results.")
-        # A tool the question asked for by name ("the vessel density") answers it even where the LLM's sentence did not hold.
-        for call in reply.tool_calls:
-            if call.ok and call.name in ASKED_FOR and not set(NUMBER.findall(call.summary)) & set(NUMBER.findall(reply.answer)):
-                reply.answer += " " + call.summary
-        reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]
-        if grounded.removed:
-            reply.answer += " (Some statements were removed because no tool result supported them.)"
-        # A follow-up may cite a passage an earlier turn retrieved: the reply carries its text too.
-        reply.citations += [retrieved[pid] for pid in dict.fromkeys(CITATION.findall(reply.answer))
-                            if pid in retrieved and pid not in {c["id"] for c in reply.citations}]
-        if reply.citations and not any(f"[{c['id']}]" in reply.answer for c in reply.citations):
-            reply.answer += " Sources: " + ", ".join(f"[{c['id']}]" for c in reply.citations[:3]) + "."
-        if not reply.citations and "search_knowledge" in reply.findings and OUT_OF_SCOPE not in reply.answer:
-            reply.answer += " The knowledge base does not cover this question."
-        reply.triage = level
-        if any(name in reply.findings for name in EXAMINE):
-            # An answer about a photograph is read on its own (an API client may show only this field):
-            # it carries the rule table's urgency and the disclaimer even where the LLM left them out.
-            stated = re.search(rf"urgen\w*\W+(?:is\W+)?{reply.triage.level}\b", reply.answer.lower()) if reply.triage else True
-            if not stated:
-                reply.answer += f" Urgency: {reply.triage.level} — {reply.triage.reason}."
-            if NOT_A_DIAGNOSIS not in reply.answer.lower():
-                reply.answer += " This is not a diagnosis: have an eye-care professional review the photograph."
-        if refusal := rejected_image(turn) or out_of_scope(history, turn):
-            reply.refused, reply.refusal_reason, reply.triage = True, refusal, None
+        if final is not None:  # the stored history says who wrote what, beside the model's raw answer
+            record = {"parts": [asdict(p) for p in reply.parts], "fallback": reply.fallback,
+                      "tool_calls": [{"name": c.name, "by": c.by} for c in reply.tool_calls]}
+            marked = final.model_copy(update={"additional_kwargs": {**final.additional_kwargs, "ophglm_reply": record}})
+            self.graph.update_state(self.thread, {"messages": [marked]}, as_node="model")
         return reply
+
+
+def _grouped(calls: list[tuple[dict, ToolMessage]]) -> list:
+    """The pipeline's calls as the conversation shows them: one step per stage (the examination's three tools together)."""
+    stages: list[list[tuple[dict, ToolMessage]]] = []
+    for call, message in calls:
+        if not (stages and call["name"] in EXAMINE and stages[-1][0][0]["name"] in EXAMINE):
+            stages.append([])
+        stages[-1].append((call, message))
+    messages = []
+    for stage in stages:
+        stage.sort(key=lambda pair: EXAMINE.index(pair[0]["name"]) if pair[0]["name"] in EXAMINE else 0)
+        messages.append(AIMessage(content="", tool_calls=[call for call, _ in stage], additional_kwargs={"by": PIPELINE}))
+        messages += [message for _, message in stage]
+    return messages

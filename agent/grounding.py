@@ -99,8 +99,17 @@ URGENCY_LEVEL = {"urgent": r"\burgent(ly)?\b", "soon": r"\bsoon\b", "routine": r
 
 @dataclass
 class GroundedAnswer:
-    text: str
-    removed: list[str] = field(default_factory=list)  # the sentences taken out, with why
+    kept: list[str] = field(default_factory=list)
+    removed_with_why: list[tuple[str, str]] = field(default_factory=list)  # (sentence, why)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.kept)
+
+    @property
+    def removed(self) -> list[str]:
+        """The sentences taken out, each followed by why in parentheses."""
+        return [f"{s} ({why})" for s, why in self.removed_with_why]
 
 
 def _variants(number: str) -> set[str]:
@@ -287,7 +296,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
             why = ", ".join(bad_numbers
                             + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts
                             + [f"no tool result or retrieved passage discusses {d}" for d in unsupported])
-            removed.append(f"{sentence.strip()} ({why})")
+            removed.append((sentence.strip(), why))
         elif sentence.strip():
             kept.append(sentence.strip())
-    return GroundedAnswer(" ".join(kept), removed)
+    return GroundedAnswer(kept, removed)

@@ -32,7 +32,7 @@ def _print_json(data) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from ophglm.agent.triage import triage
+    from ophglm.agent.examination import examine
     from ophglm.session import Session
     from ophglm.tools.base import ToolError
     from ophglm.tools.registry import builtin_tools
@@ -41,63 +41,85 @@ def cmd_analyze(args) -> None:
     session = Session()
     image_id = session.add_image_file(args.path)
     tools = {t.name: t for t in builtin_tools(settings)}
-    quality = tools["assess_quality"](session, image_id=image_id).findings
-    if not (quality["is_fundus"] and quality["gradable"]):
-        raise ValueError(f"{args.path} was not analysed: it is {quality['verdict']}")
-    findings, summaries = {}, []
-    for name in ("classify_fundus", "segment_lesions", "measure_optic_disc", "measure_vessels"):
-        try:
-            result = tools[name](session, image_id=image_id)
-        except ToolError as err:  # one measurement failing (no disc found) must not hide the others
-            findings[name], summaries = {"error": str(err)}, summaries + [str(err)]
-            continue
-        findings[name], summaries = result.findings, summaries + [result.summary]
-        session.artifacts.update(result.artifacts)
-    level = triage(findings)
+    examination = examine(session, image_id, tools)
+    if not examination.accepted:
+        raise ValueError(f"{args.path} was not analysed: it is {examination.quality.verdict if examination.quality else examination.steps[0].summary}")
+    findings = {s.name: (s.findings if s.ok else {"error": s.summary}) for s in examination.steps}
+    summaries = [s.summary for s in examination.steps]
+    try:  # a finer measurement beyond the examination; its failure must not hide the others
+        vessels = tools["measure_vessels"](session, image_id=image_id)
+        findings["measure_vessels"], summaries = vessels.findings, summaries + [vessels.summary]
+    except ToolError as err:
+        findings["measure_vessels"], summaries = {"error": str(err)}, summaries + [str(err)]
+    level = examination.triage
     overlay = None
-    if args.overlay and "overlay" in findings["segment_lesions"]:
+    if args.overlay and "overlay" in findings.get("segment_lesions", {}):
         Path(args.overlay).write_bytes(bytes(session.artifacts[findings["segment_lesions"]["overlay"]]))
         overlay = str(args.overlay)
     if args.json:
-        _print_json({"image": str(args.path), "image_id": image_id, "findings": findings, "triage": level, "overlay": overlay, "disclaimer": DISCLAIMER})
+        _print_json({"image": str(args.path), "image_id": image_id, "pipeline": [s.name for s in examination.steps],
+                     "findings": findings, "triage": level, "overlay": overlay, "disclaimer": DISCLAIMER})
         return
+    print(examination.statement())
     print("\n".join(summaries))
-    print(f"Triage: {level.level} ({level.reason})")
+    if level:
+        print(f"Triage: {level.level} ({level.reason})")
     if overlay:
         print(f"Overlay written to {overlay}")
     print(DISCLAIMER)
 
 
-def _print_reply(reply, streamed: bool) -> None:
-    if not streamed:
-        print(reply.answer)
-    else:
-        print()
+def _print_reply(reply) -> None:
+    """The checked answer (what the reply holds, refusals included), then who did what."""
+    print(reply.answer)
     for call in reply.tool_calls:
-        print(f"  [tool] {call.name}({', '.join(f'{k}={v!r}' for k, v in call.args.items())}){'' if call.ok else ' FAILED'}")
+        print(f"  [{call.by}] {call.name}({', '.join(f'{k}={v!r}' for k, v in call.args.items())}){'' if call.ok else ' FAILED'}")
     if reply.triage:
         print(f"  [triage] {reply.triage.level}: {reply.triage.reason}")
     for citation in reply.citations:
         print(f"  [source] {citation['id']}: {citation['title']} - {citation['section']}")
+    for part in reply.parts:
+        if part.source == "removed":
+            print(f"  [removed] {part.text} ({part.why})")
+    if reply.fallback:
+        print("  [note] none of the language model's sentences held: the answer is the tools' own words")
     for note in reply.notes:
-        print(f"  [note] {note}")
+        if not note.startswith("removed an unsupported statement"):
+            print(f"  [note] {note}")
     print(f"  {reply.disclaimer}")
+
+
+class _Progress:
+    """While the model writes, a one-line token counter on stderr (a terminal only); it is erased before the answer."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, token: str) -> None:
+        self.tokens += 1
+        if self.live:
+            print(f"\r(writing the answer: {self.tokens} tokens)", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.live and self.tokens:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def cmd_ask(args) -> None:
     from ophglm.agent.assistant import Assistant
-
     from ophglm.session import read_image_file
 
     # Decode first: a bad image fails fast, before the LLM loads, and is decoded only once.
     image = read_image_file(args.image)[0] if args.image else None
     assistant = Assistant(_settings(args))
-    stream = None if args.json else (lambda token: print(token, end="", flush=True))
-    reply = assistant.ask(args.question, image=image, on_token=stream)
+    progress = _Progress()
+    reply = assistant.ask(args.question, image=image, on_token=None if args.json else progress)
+    progress.done()
     if args.json:
         _print_json(reply.to_dict())
     else:
-        _print_reply(reply, streamed=True)
+        _print_reply(reply)
 
 
 def cmd_chat(args) -> None:
@@ -121,15 +143,18 @@ def cmd_chat(args) -> None:
             continue
         if not line:
             continue
-        print("ophglm> ", end="", flush=True)
+        progress = _Progress()
         try:
-            reply = assistant.ask(line, image=image, on_token=lambda t: print(t, end="", flush=True))
+            reply = assistant.ask(line, image=image, on_token=progress)
         except USER_ERRORS as err:
-            print(f"\nerror: {err}")
+            progress.done()
+            print(f"error: {err}")
             continue
         finally:
             image = None
-        _print_reply(reply, streamed=True)
+        progress.done()
+        print("ophglm> ", end="")
+        _print_reply(reply)
 
 
 def cmd_demo_image(args) -> None:

@@ -63,18 +63,20 @@ class _ToolEvents(BaseCallbackHandler):
         self.emit = emit
         self.running: dict[uuid.UUID, dict] = {}
 
-    def on_tool_start(self, serialized, input_str, *, run_id, inputs=None, **kwargs):
-        call = {"name": kwargs.get("name") or (serialized or {}).get("name", "tool"), "args": inputs or {}}
+    def on_tool_start(self, serialized, input_str, *, run_id, inputs=None, metadata=None, **kwargs):
+        # "pipeline" (the examination, a router) or "model" (the LLM chose the call)
+        call = {"name": kwargs.get("name") or (serialized or {}).get("name", "tool"), "args": inputs or {},
+                "by": (metadata or {}).get("by", "model")}
         self.running[run_id] = call
         self.emit("tool_start", call)
 
     def on_tool_end(self, output, *, run_id, **kwargs):
-        call = self.running.pop(run_id, {"name": kwargs.get("name", "tool"), "args": {}})
+        call = self.running.pop(run_id, {"name": kwargs.get("name", "tool"), "args": {}, "by": "model"})
         failed = "error" in (getattr(output, "artifact", None) or {}) or getattr(output, "status", "success") == "error"
         self.emit("tool_end", {**call, "ok": not failed, "summary": getattr(output, "text", str(output))})
 
     def on_tool_error(self, error, *, run_id, **kwargs):
-        call = self.running.pop(run_id, {"name": kwargs.get("name", "tool"), "args": {}})
+        call = self.running.pop(run_id, {"name": kwargs.get("name", "tool"), "args": {}, "by": "model"})
         self.emit("tool_end", {**call, "ok": False, "summary": str(error)})
 
 

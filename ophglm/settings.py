@@ -18,6 +18,7 @@ from ophglm.session import MAX_PIXELS
 LLM_BACKENDS = ("local", "openai")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTERS = ("knowledge", "vessels")
 
 
 def packaged_llm_weights() -> Path:
@@ -71,6 +72,10 @@ class Settings:
     dtype: str = "auto"
     # segment_lesions: flip views averaged per photograph (1-4); 4 lifts every lesion class's AUPR at 4x its forward time.
     lesion_views: int = 4
+    # Pipeline routers that run a tool in the model's stead (agent/routers.py), comma-separated:
+    # "knowledge" (retrieve for every question, refuse off-topic text) and "vessels" (a question naming the
+    # vessels measures them). "" = none: the model alone decides those calls (what `eval agent` measures).
+    routers: str = "knowledge,vessels"
     # CPU threads for torch (0 = leave torch's default).
     threads: int = 0
     # `ophglm serve`: the key clients send (Bearer or X-API-Key); required to listen beyond loopback.
@@ -91,8 +96,14 @@ class Settings:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if unknown := set(self.router_names) - set(ROUTERS):
+            raise ValueError(f"routers must be among {ROUTERS}, got {', '.join(sorted(unknown))}")
         if not 1 <= self.lesion_views <= 4:
             raise ValueError(f"lesion_views must be 1 to 4 (flip views averaged), got {self.lesion_views}")
+
+    @property
+    def router_names(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.routers.split(",") if r.strip())
 
     def resolved_llm_adapter(self) -> str:
         if self.llm_adapter != "auto":
@@ -157,6 +168,8 @@ def _coerce(value: str, target: object) -> object:
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(target, int):
         return int(value)
+    if isinstance(target, float):
+        return float(value)
     return value
 
 

@@ -114,8 +114,9 @@ def test_an_answer_copied_from_a_tool_description_gives_way_to_the_findings(sett
     assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=[copied]), tools=tools)
     reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
     assert any("repeats a tool's description" in n for n in reply.notes)
-    assert reply.answer.startswith(f"What the tools found: Disease probabilities for {reply.findings['classify_fundus']['image_id']}")
-    assert "Lesions in" in reply.answer and "OphGLM's rule table gives" not in reply.answer
+    assert reply.fallback and reply.answer.startswith("The classifier's most likely finding is")
+    assert "The lesion segmenter found" in reply.answer and "OphGLM's rule table gives" not in reply.answer
+    assert [p.source for p in reply.parts][0] == "removed" and all(p.source == "added" for p in reply.parts[1:])
     assert reply.answer.endswith("This is not a diagnosis: have an eye-care professional review the photograph.")
 
 
@@ -178,7 +179,9 @@ def test_the_vessel_density_asked_for_is_in_the_answer_even_when_the_llms_figure
     assistant = Assistant(settings, chat_model=ScriptedChatModel(steps=["The vessels were measured. The vessel density is 97.5%."]), tools=tools)
     reply = assistant.ask("What is the vessel density in this photo?", image=demo_fundus_path)
     assert any("number 97.5" in n for n in reply.notes) and "97.5" not in reply.answer
-    assert reply.answer.startswith("The vessels were measured. Retinal vessel density of")  # not the findings fallback
+    # the model's sentence stays, the findings statement leads the code's part (the model named no finding), then the figure
+    assert reply.answer.startswith("The vessels were measured. The classifier's most likely finding is") and not reply.fallback
+    assert [p.source for p in reply.parts][:2] == ["model", "removed"]
     density = reply.findings["measure_vessels"]["vessel_density"]["value"]
     assert f"Retinal vessel density of {reply.findings['classify_fundus']['image_id']}: {density:.2f}% of the field of view." in reply.answer
     # an answer that already gives the tool's figure is left alone

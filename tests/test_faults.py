@@ -99,7 +99,8 @@ def test_llm_endpoint_down_answers_with_the_tool_results(settings, tools, demo_f
     down = dataclasses.replace(settings, llm_backend="openai", llm_base_url="http://127.0.0.1:9/v1")
     assistant = Assistant(down, chat_model=make_chat_model(down), tools=tools)
     reply = assistant.ask("Is something wrong with this eye?", image=demo_fundus_path)
-    assert reply.answer.startswith("The language model failed") and "Disease probabilities" in reply.answer
+    assert reply.answer.startswith("The language model failed") and "The classifier's most likely finding is" in reply.answer
+    assert reply.fallback and all(p.source == "added" for p in reply.parts)
     assert any("the language model failed" in n for n in reply.notes)
     assert reply.triage is not None, "the rule-table triage does not need the LLM"
     second = assistant.ask("How urgent is it?")
