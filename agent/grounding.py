@@ -28,7 +28,11 @@ import re
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
+from ophglm.agent import claims
+
+# Digits next to CJK or Devanagari letters are numbers too ("血管密度为3%"); next to Latin letters they are ids.
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d+(?:\.\d+)?(?![A-Za-z0-9_])")
+DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d{1,2}\b)")  # "0,95" in Spanish and German
 CITATION = re.compile(r"\[([a-z0-9_]+#[a-z0-9-]+)\]")
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 # How an answer may name each class the classifier knows (lower case).
@@ -41,17 +45,19 @@ DISEASE_NAMES = {
     "hypertensive_retinopathy": ("hypertensive retinopathy",),
     "normal": ("healthy", "normal eye", "is normal", "looks normal", "no disease", "nothing wrong"),
 }
-ABOUT_THE_PHOTO = re.compile(r"\b(this|the|your) (eye|photo|photograph|picture|image|fundus|retina)\b|\b(shows?|consistent with|suggests?|appears?|looks?|there is|there are|there's)\b")
-DENIAL = re.compile(r"\b(no|not|without|unlikely|absent|rules? out)\b")
 SUPPORTED_PROBABILITY = 0.5
+CERTAIN_PROBABILITY = 0.9  # "there is no doubt this is glaucoma" needs more than a favoured class
 # The quantities a number can be a figure of, and how a clause (of a tool result or of an answer) names them.
 QUANTITIES = {
-    "microaneurysms": r"micro-?aneurysms?",
-    "haemorrhages": r"ha?emorrhag\w*",
-    "hard exudates": r"hard exudates?|(?<!soft )exudates?",
-    "soft exudates": r"soft exudates?|cotton[- ]wool",
-    "cup-to-disc ratio": r"cup[- ]to[- ]disc|\bcdr\b",
-    "vessel density": r"\bvessels?\b|\bvascular",
+    "microaneurysms": r"micro-?aneurysms?|微动脉瘤|microaneurisma|mikroaneurysm",
+    "haemorrhages": r"ha?emorrhag\w*|bleed\w*|bleeding spots?|出血|hemorragia|blutung|रक्तस्राव",
+    "hard exudates": r"hard exudates?|(?<!soft )exudates?|硬性渗出|exudados? duros?|harte exsudate",
+    "soft exudates": r"soft exudates?|cotton[- ]wool|棉絮斑",
+    "cup-to-disc ratio": r"cup[- ]to[- ]disc|\bcdr\b|杯盘比|cup-to-disc-verhältnis|कप-टू-डिस्क",
+    "vessel density": r"\bvessels?\b|\bvascular|血管|densidad vascular|gefäß|वाहिका",
+    "disc size": r"\bpixels?\b|\bpx\b|像素",
+    "axial length": r"axial length|眼轴",
+    "intraocular pressure": r"\biop\b|intraocular pressure|eye pressure|眼压",
     "normal": r"\bnormal\b|\bhealthy\b|no referable disease",
 } | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
 QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
@@ -62,8 +68,8 @@ SIGNS = {
     "haemorrhages": r"ha?emorrhag\w*|\bblots?\b|flame[- ]shaped",
     "exudates": r"exudates?",
     "cotton-wool spots": r"cotton[- ]wool",
-    "drusen": r"\bdrusen\b",
-    "neovascularisation": r"neovasculari[sz]\w*|new vessels",
+    "drusen": r"\bdrusen\b|\bdrusas\b|玻璃膜疣|ड्रूसन",
+    "neovascularisation": r"neovasculari[sz]\w*|new vessels|\bcnv\b",
     "macular oedema": r"macular o?edema|\bcsme\b|\bdme\b",
     "cherry-red spot": r"cherry[- ]red",
     "papilloedema": r"papill?o?edema|swollen (optic )?disc|disc (swelling|o?edema)",
@@ -93,8 +99,13 @@ SIGNS = {
 SIGN_PATTERNS = {sign: re.compile(pattern) for sign, pattern in SIGNS.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
 COPIED_WORDS = 8
-URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")  # "the urgency is ...": a claim; "needs urgent referral" is knowledge
-URGENCY_LEVEL = {"urgent": r"\burgent(ly)?\b", "soon": r"\bsoon\b", "routine": r"\broutine\b", "none": r"\bnone\b"}
+URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")
+KNOWLEDGE_COVERAGE = 0.65  # share of a general statement's content words one retrieved passage must hold
+# Sentences about the tools or the sources, not knowledge claims of their own.
+TOOL_TALK = re.compile(r"\b(classifier|segmenter|tools?|triage|rule table|probabilit\w*|measured|measurement|findings?|found|lesions|"
+                       r"knowledge base|described|passages?|sources?)\b")
+# The coverage rule reads English statements against English passages; these words mark Spanish and German.
+NOT_ENGLISH = re.compile(r"\b(el|la|los|las|del|una|con|es|der|die|das|und|ist|ein|eine|mit)\b")
 
 
 @dataclass
@@ -173,34 +184,60 @@ def classifier_supports(sentence: str, p: float | None) -> bool:
     """The classifier backs the sentence's mention of a disease it gives `p`: it favours the disease,
     or the sentence denies it of the photograph while the classifier disfavours it, or the sentence quotes p."""
     lowered = sentence.lower()
-    denied_of_photo = bool(DENIAL.search(lowered) and ABOUT_THE_PHOTO.search(lowered))
+    denied_of_photo = claims.stance(lowered) == "deny" and claims.is_about_the_photo(lowered)
     return p is not None and (_quotes_probability(sentence, p) or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)
 
 
+def disease_names(disease: str) -> tuple[str, ...]:
+    return DISEASE_NAMES.get(disease, ()) + claims.DISEASE_NAMES_OTHER.get(disease, ())
+
+
 def named_diseases(sentence: str) -> list[str]:
-    """The classes a sentence names (lower-cased matching on whole words)."""
+    """The classes a sentence names, in any user language or by abbreviation; 'healthy' words name 'normal'."""
     text = sentence.lower()
-    return [d for d, names in DISEASE_NAMES.items() if any(re.search(rf"\b{re.escape(n)}\b", text) for n in names)]
+    named = [d for d in DISEASE_NAMES if any(claims.name_matches(n, text) for n in disease_names(d))]
+    named += [d for d in claims.abbreviated_diseases(sentence) if d not in named]
+    if "normal" not in named and claims.HEALTHY.search(text):
+        named.append("normal")
+    return named
 
 
 def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[str]:
-    """Claims about the photograph that the classifier's probabilities contradict."""
+    """Claims about the photograph (or the person's eye) that the classifier contradicts, read with their polarity."""
     text = sentence.lower()
-    if not probabilities or not ABOUT_THE_PHOTO.search(text):
+    named = named_diseases(sentence)
+    complement = claims.measurement_complement(text)
+    if complement and (named_diseases(complement) or named_signs(complement)):
+        return ["it gives a disease as the value of a measurement"]
+    if not probabilities:  # no examined photograph: nothing backs a claim that the eye is healthy
+        healthy = "normal" in named and claims.about_the_person(text) and claims.stance(_without_normal_names(text)) != "deny"
+        return ["no examined photograph shows a healthy eye"] if healthy else []
+    if not claims.is_about_the_photo(text):
         return []
-    denied = bool(DENIAL.search(text))
     problems = []
-    for disease in named_diseases(text):
-        if disease not in probabilities:
+    for disease in named:
+        p = probabilities.get(disease)
+        if p is None or _quotes_probability(sentence, p):
             continue
-        p = probabilities[disease]
-        if disease == "normal" and not denied and p < SUPPORTED_PROBABILITY:
-            problems.append(f"the classifier does not support a healthy eye (normal {p:.2f})")
-        elif disease != "normal" and denied and p >= SUPPORTED_PROBABILITY:
-            problems.append(f"the classifier gives {disease.replace('_', ' ')} {p:.2f}, so it cannot be ruled out")
-        elif disease != "normal" and not denied and p < SUPPORTED_PROBABILITY:
-            problems.append(f"the classifier does not support {disease.replace('_', ' ')} ({p:.2f})")
+        stance = claims.stance(_without_normal_names(text) if disease == "normal" else text)
+        name = "a healthy eye" if disease == "normal" else disease.replace("_", " ")
+        if stance == "deny" and disease != "normal" and p >= SUPPORTED_PROBABILITY:
+            problems.append(f"the classifier gives {name} {p:.2f}, so it cannot be ruled out")
+        elif stance != "deny" and p < SUPPORTED_PROBABILITY:
+            problems.append(f"the classifier does not support {name} ({p:.2f})")
+        elif stance == "certain" and p < CERTAIN_PROBABILITY:
+            problems.append(f"the classifier gives {name} {p:.2f}, not a certainty")
+    if "normal" in named and claims.stance(_without_normal_names(text)) != "deny":
+        problems += [f"the classifier gives {d.replace('_', ' ')} {p:.2f}, so the eye is not shown healthy"
+                     for d, p in probabilities.items() if d != "normal" and p >= SUPPORTED_PROBABILITY]
     return problems
+
+
+def _without_normal_names(text: str) -> str:
+    """'no referable disease' and 'nothing wrong' name a healthy eye; their 'no' denies nothing."""
+    for name in sorted((*disease_names("normal"), "no referable disease"), key=len, reverse=True):
+        text = text.replace(name, " ")
+    return claims.HEALTHY.sub(" ", text)
 
 
 def named_signs(text: str) -> set[str]:
@@ -212,7 +249,7 @@ def _discussing(term: str, passages: dict[str, str]) -> list[str]:
     """The passages that name a disease class or a sign."""
     if term in SIGN_PATTERNS:
         return [pid for pid, text in passages.items() if SIGN_PATTERNS[term].search(text.lower())]
-    return [pid for pid, text in passages.items() if any(n in text.lower() for n in DISEASE_NAMES[term])]
+    return [pid for pid, text in passages.items() if any(n in text.lower() for n in disease_names(term))]
 
 
 def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: dict[str, float],
@@ -227,7 +264,10 @@ def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: d
     """
     cited = [c for c in CITATION.findall(sentence) if c in passages]
     needing_passage = [d for d in named_diseases(sentence) if d != "normal" and not classifier_supports(sentence, probabilities.get(d))]
-    needing_passage += sorted(named_signs(sentence) - signs_found)
+    signs = sorted(named_signs(sentence) - signs_found)
+    if signs and claims.PHOTO_DEIXIS.search(sentence.lower()):  # a passage tells what a sign is, not whether this eye has it
+        return sentence, [f"{sign} in this photograph (no tool looks for it)" for sign in signs]
+    needing_passage += signs
     unsupported, to_cite = [], []
     for term in needing_passage:
         discussing = _discussing(term, passages)
@@ -245,14 +285,47 @@ def _knowledge_support(sentence: str, passages: dict[str, str], probabilities: d
 
 
 def _urgency_conflict(sentence: str, urgency: str | None) -> list[str]:
-    """A sentence about the urgency that states one level other than the rule table's (listing the scale is no claim)."""
+    """A sentence stating an urgency (by level or time frame) other than the rule table's; with no examined
+    photograph, any urgency stated for this person (a general rule like 'CRVO needs urgent referral' is knowledge)."""
+    stated = claims.stated_urgency(sentence)
+    if not stated or len(stated) >= 3 or (claims.GENERAL_RULE.search(sentence) and not claims.about_the_person(sentence)):
+        return []  # no level, the scale listed, or a rule for anyone
+    if urgency is None:
+        own = claims.about_the_person(sentence) or (len(stated) == 1 and URGENCY_TOPIC.search(sentence.lower()))
+        return ["no examined photograph has an urgency from the rule table"] if own else []
+    if urgency in stated:
+        return []
+    return [f"the rule table gives the urgency {urgency}"]
+
+
+LESION_COUNT = re.compile(r"(microaneurysms|haemorrhages|hard exudates|soft exudates) ?(?:\([^)]*\))?: (\d+)")
+LESION_WORDS = {"microaneurysms": QUANTITIES["microaneurysms"], "haemorrhages": QUANTITIES["haemorrhages"],
+                "hard exudates": QUANTITIES["hard exudates"], "soft exudates": QUANTITIES["soft exudates"]}
+
+
+def lesion_counts(evidence: list[str]) -> dict[str, int]:
+    """The segmenter's latest count of each lesion kind ("haemorrhages: 3 (0.12% of field)")."""
+    counts: dict[str, int] = {}
+    for text in evidence:
+        counts |= {kind: int(n) for kind, n in LESION_COUNT.findall(text)}
+    return counts
+
+
+def _lesion_conflicts(sentence: str, counts: dict[str, int], examined: bool) -> list[str]:
+    """A lesion said to be in (or absent from) this photograph against the segmenter's count (a stated number is the number check's)."""
     text = sentence.lower()
-    if not URGENCY_TOPIC.search(text):
+    if not examined or not claims.PHOTO_DEIXIS.search(text) or NUMBER.search(text):
         return []
-    stated = [level for level, pattern in URGENCY_LEVEL.items() if re.search(pattern, text)]
-    if len(stated) != 1 or stated[0] == urgency:
-        return []
-    return [f"the rule table gives the urgency {urgency}" if urgency else "no examined photograph has an urgency from the rule table"]
+    problems = []
+    for kind, pattern in LESION_WORDS.items():
+        if kind not in counts or not re.search(pattern, text):
+            continue
+        denied = claims.stance(text) == "deny"
+        if denied and counts[kind] > 0:
+            problems.append(f"the segmenter counted {counts[kind]} {kind}")
+        elif not denied and counts[kind] == 0:
+            problems.append(f"the segmenter found no {kind}")
+    return problems
 
 
 def _words(text: str) -> list[str]:
@@ -260,13 +333,34 @@ def _words(text: str) -> list[str]:
 
 
 def _copies_a_description(sentence: str, descriptions: list[list[str]]) -> bool:
-    """Most of the sentence (at least COPIED_WORDS words in a row) is a tool's description (given as words)."""
+    """Most of the sentence is a tool's description (given as words): a long run copied, or a sentence about
+    what a tool does ("This tool measures the blood vessels...") that follows its description."""
     words = _words(sentence)
     for source in descriptions:
-        run = SequenceMatcher(None, words, source, autojunk=False).find_longest_match(0, len(words), 0, len(source)).size
+        matcher = SequenceMatcher(None, words, source, autojunk=False)
+        run = matcher.find_longest_match(0, len(words), 0, len(source)).size
         if run >= COPIED_WORDS and run >= 0.6 * len(words):
             return True
+        if words[:2] in (["this", "tool"], ["the", "tool"]) and sum(b.size for b in matcher.get_matching_blocks()) >= 0.5 * len(words):
+            return True
     return False
+
+
+def _unbacked_knowledge(sentence: str, passages: dict[str, str], found: EvidenceNumbers) -> bool:
+    """A general statement about a disease or sign (not about this photograph, not a tool's finding) whose
+    words no retrieved passage mostly holds: "Cataract can be dissolved with eye drops" is no passage's claim."""
+    text = CITATION.sub(" ", sentence)
+    if any(n in found.anywhere for n in NUMBER.findall(text)):  # it quotes a tool's figure: a finding, not knowledge
+        return False
+    if (claims.NON_LATIN.search(text) or NOT_ENGLISH.search(text.lower()) or not passages or claims.is_about_the_photo(text.lower()) or TOOL_TALK.search(text.lower())
+            or not (named_diseases(text) or named_signs(text) or claims.abbreviated_diseases(text))):
+        return False
+    words = claims.content_words(text)
+    if len(words) < 3:
+        return False
+    stems = [w[:5] for w in words]
+    return max(sum(stem in held for stem in stems) / len(stems)
+               for held in ({w[:5] for w in claims.content_words(t)} for t in passages.values())) < KNOWLEDGE_COVERAGE
 
 
 def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,
@@ -277,20 +371,31 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     urgency level must be `urgency`, the rule table's level (None: there is none). A sentence
     copied from one of `tool_descriptions` is dropped.
     """
-    allowed = supported_numbers(evidence)
-    signs_found = set().union(*(named_signs(text) for text in evidence))
-    descriptions = [_words(d) for d in tool_descriptions]
     probabilities = probabilities or {}
+    # A knowledge search's result lists passages ("[doc#section] Title - Section: ..."): it says what a passage holds,
+    # not what a tool found in this photograph.
+    tool_results = [text for text in evidence if not text.startswith("[")]
+    classifier_figures = [f"{d.replace('_', ' ')} {p}" for d, p in probabilities.items()]
+    found_numbers = supported_numbers([*tool_results, *classifier_figures])
+    # Numbers a passage gives are figures of what it discusses, for general statements.
+    allowed = supported_numbers([*evidence, *passages.values(), *classifier_figures])
+    signs_found = set().union(*(named_signs(text) for text in tool_results))
+    counts = lesion_counts(tool_results)
+    descriptions = [_words(d) for d in tool_descriptions]
     kept, removed = [], []
     sentences = SENTENCE.split(answer.strip())
     if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?", ")", "]")):
         sentences.pop()  # cut off by the token limit: a half sentence can mislead
     for sentence in sentences:
-        bad_numbers = unsupported_numbers(sentence, allowed)
+        sentence = DECIMAL_COMMA.sub(".", sentence)
+        bad_numbers = unsupported_numbers(sentence, found_numbers if claims.PHOTO_DEIXIS.search(sentence.lower()) else allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
-        conflicts = _disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
+        conflicts = (_disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
+                     + _lesion_conflicts(sentence, counts, bool(probabilities)))
         if _copies_a_description(sentence, descriptions):
             conflicts.append("it repeats a tool's description, not a finding")
+        elif _unbacked_knowledge(sentence, passages, found_numbers):
+            conflicts.append("no retrieved passage says this")
         sentence, unsupported = _knowledge_support(sentence, passages, probabilities, signs_found)
         if bad_numbers or bad_citations or conflicts or unsupported:
             why = ", ".join(bad_numbers

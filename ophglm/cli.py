@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ophglm.finetune.evaluate_agent import add_eval_agent_parser
 
     add_eval_agent_parser(eval_sub)
+    from ophglm.finetune.evaluate_grounding import add_eval_grounding_parser
+
+    add_eval_grounding_parser(eval_sub)
 
     p = sub.add_parser("tools", help="the tool registry")
     tools_sub = p.add_subparsers(dest="action", required=True)
