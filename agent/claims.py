@@ -25,7 +25,7 @@ ABBREVIATIONS = {"DR": "diabetic_retinopathy"}  # matched case-sensitively ("Dr"
 HEALTHY = re.compile(r"\b(healthy|normal|no referable disease|no disease|nothing wrong|no problems?|sano|normal|gesund|unauffällig)\b"
                      r"|健康|正常|没有任何问题|स्वस्थ|सामान्य")
 ABOUT_THE_PHOTO = re.compile(
-    r"\b(this|the|your|my) (eye|eyes|photo|photograph|picture|image|fundus|retina|scan)\b|\b(here|shows?|showing|consistent with|"
+    r"\b(this|the|your|my) (eye|eyes|photo|photograph|picture|image|fundus|retina|scan)\b|\b(your|the|all) results\b|\b(here|shows?|showing|consistent with|"
     r"suggests?|appears?|looks?|there is|there are|there's|seen|visible|present|detected|found|likely|unlikely|possible|probable|"
     r"probably|suspected|definitely|certain|certainly|clearly|no doubt|ruled? out|signs? of|evidence of)\b"
     r"|这|您的|你的|照片|图片|眼睛|眼底|视网膜|可能|肯定|看起来|显示|发现|迹象|征象|"
@@ -42,8 +42,10 @@ CERTAIN = re.compile(r"\b(definitely|certainly|clearly|undoubtedly|no doubt|with
                      r"definitivamente|eindeutig|zweifellos|kein zweifel|sicher)\b|肯定|毫无疑问|一定|确定|确诊|निश्चित|बिना किसी संदेह", re.I)
 POSSIBLE_DESPITE_NEGATION = re.compile(r"can ?not be (ruled out|excluded)|can't be (ruled out|excluded)|not (be )?ruled out|"
                                        r"不能排除|无法排除|no se puede descartar|nicht ausgeschlossen|खारिज नहीं", re.I)
-DENIAL = re.compile(r"\b(no|not|cannot|can't|isn't|aren't|doesn't|don't|without|unlikely|absent|rules? out|ruled out|none|never|poco probable|improbable|ningún|ninguna|sin|"
-                    r"nicht|kein|keine|keinen|unwahrscheinlich|ausgeschlossen)\b|不|没有|无|未|可能性很小|नहीं|कोई\s*संभावना\s*नहीं|कम है", re.I)
+DENIAL = re.compile(r"\b(no|not|cannot|can't|isn't|aren't|doesn't|don't|didn't|wasn't|weren't|hasn't|haven't|without|unlikely|absent|"
+                    r"rules? out|ruled out|none|never|zero|poco probable|improbable|ningún|ninguna|sin|nicht|kein|keine|keinen|"
+                    r"unwahrscheinlich|ausgeschlossen)\b|没有|不是|并非|未见|未发现|未检出|无明显|排除|可能性(很|较)?小|可能性不大|不太可能|不像|"
+                    r"नहीं|कोई\s*संभावना\s*नहीं|कम है", re.I)
 # Where a measurement's value belongs: "the <measurement> is/shows <disease>" puts a disease there.
 MEASUREMENT_SUBJECT = re.compile(
     r"(blood supply|blood flow|circulation|vessel density|vessels?|vascular\w*|cup[- ]to[- ]disc( ratio)?|\bcdr\b|\bcup\b|lesion count|"
@@ -56,10 +58,11 @@ URGENCY_PHRASES = {
               r"紧急|立即|马上|当天|今天|急诊|\burgente|\burgencias\b|\bhoy\b|inmediat\w+|\bdringend\b|\bsofort\b|\bheute\b|notaufnahme|"
               r"notfall|तुरंत|आज|आपातकाल\w*",
     "soon": r"\bsoon\b|within (a |the )?(few |two |2 |several |next few |coming )?weeks|几周内|数周内|\bpronto\b|semanas|\bbald\b|"
-            r"(innerhalb|in) (von |der nächsten |weniger |einigen )?wochen|कुछ\s*(हफ्तों|सप्ताह)",
+            r"(innerhalb|in) (von |der nächsten |weniger |einigen )?wochen|(कुछ|दो|अगले)\s*(\S+\s*)?(हफ़्त|हफ्त|सप्ताह)\w*",
     "routine": r"\broutine\b|next (regular |routine |planned |usual )?(screening|eye test|check|review|visit|appointment)|常规|例行|下次检查|"
                r"\brutina\w*|próxima revisión|routinemäßig|nächste\w* (vorsorge|kontrolle|untersuchung)|नियमित",
-    "none": r"no (follow-up|referral|treatment|action|further action)( is)? (needed|required|necessary)|nothing (needs|to do)|"
+    "none": r"no (further )?(follow-up|referral|treatment|action|checks?|tests?|visits?)( is| are)? (needed|required|necessary)|"
+            r"nothing (needs|to do)|"
             r"no need to (see|be seen|refer)|不需要转诊|无需转诊|无需就诊|不需要就诊|no hace falta\w*( ninguna)? derivación|no es necesari\w+ (derivar|una derivación)|"
             r"keine überweisung|कोई आवश्यकता नहीं",
 }

@@ -60,17 +60,18 @@ QUANTITIES = {
     "intraocular pressure": r"\biop\b|intraocular pressure|eye pressure|眼压",
     "normal": r"\bnormal\b|\bhealthy\b|no referable disease",
 } | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
+QUANTITIES["diabetic_retinopathy"] += r"|\bdr\b|\bnpdr\b|\bpdr\b"
 QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
 # Signs an answer may name, each with the ways it is written (lower case). A tool result or a passage
 # naming the sign in any of these ways supports it.
 SIGNS = {
-    "microaneurysms": r"micro-?aneurysms?",
-    "haemorrhages": r"ha?emorrhag\w*|\bblots?\b|flame[- ]shaped",
-    "exudates": r"exudates?",
+    "microaneurysms": r"micro-?aneurysms?|微动脉瘤|microaneurisma|mikroaneurysm",
+    "haemorrhages": r"ha?emorrhag\w*|\bblots?\b|flame[- ]shaped|出血|hemorragia|blutung|रक्तस्राव",
+    "exudates": r"exudates?|渗出|exudado|exsudat",
     "cotton-wool spots": r"cotton[- ]wool",
     "drusen": r"\bdrusen\b|\bdrusas\b|玻璃膜疣|ड्रूसन",
     "neovascularisation": r"neovasculari[sz]\w*|new vessels|\bcnv\b",
-    "macular oedema": r"macular o?edema|\bcsme\b|\bdme\b",
+    "macular oedema": r"macular o?edema|\bcsme\b|\bdme\b|\bdmo\b|黄斑水肿|edema macular|makulaödem",
     "cherry-red spot": r"cherry[- ]red",
     "papilloedema": r"papill?o?edema|swollen (optic )?disc|disc (swelling|o?edema)",
     "retinal detachment": r"detach\w*",
@@ -100,10 +101,13 @@ SIGN_PATTERNS = {sign: re.compile(pattern) for sign, pattern in SIGNS.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
 COPIED_WORDS = 8
 URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")
-KNOWLEDGE_COVERAGE = 0.65  # share of a general statement's content words one retrieved passage must hold
+KNOWLEDGE_COVERAGE = 0.65
+# Conditions and treatments beyond the classifier's classes and the signs, which knowledge statements are about.
+TREATMENT_TERMS = re.compile(r"\b(myopia|occlusions?|implants?|injections?|drops|surgery|laser|vitamins?|atropine|steroids?)\b")
+ABSOLUTE = re.compile(r"\b(only|always|never|all|whole|every|permanently|completely|cured?|guaranteed?|no side effects)\b")  # share of a general statement's content words one retrieved passage must hold
 # Sentences about the tools or the sources, not knowledge claims of their own.
 TOOL_TALK = re.compile(r"\b(classifier|segmenter|tools?|triage|rule table|probabilit\w*|measured|measurement|findings?|found|lesions|"
-                       r"knowledge base|described|passages?|sources?)\b")
+                       r"knowledge base|described|passages?|sources?|reason)\b")
 # The coverage rule reads English statements against English passages; these words mark Spanish and German.
 NOT_ENGLISH = re.compile(r"\b(el|la|los|las|del|una|con|es|der|die|das|und|ist|ein|eine|mit)\b")
 
@@ -161,9 +165,9 @@ def supported_numbers(evidence: list[str]) -> EvidenceNumbers:
 
 def unsupported_numbers(sentence: str, numbers: EvidenceNumbers) -> list[str]:
     """Why each number of an answer sentence that no tool result gives for its quantity is unsupported."""
-    problems, sentence_quantities = [], quantities_named(sentence)
+    problems = []
     for clause in CLAUSE.split(sentence):
-        quantities = quantities_named(clause) or sentence_quantities
+        quantities = quantities_named(clause)  # a clause naming no quantity may quote any tool's number
         allowed = set().union(*(numbers.by_quantity.get(q, set()) for q in quantities)) if quantities else numbers.anywhere
         for number in NUMBER.findall(clause):
             if number in allowed or f"{float(number):g}" in allowed:
@@ -209,9 +213,10 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
     complement = claims.measurement_complement(text)
     if complement and (named_diseases(complement) or named_signs(complement)):
         return ["it gives a disease as the value of a measurement"]
-    if not probabilities:  # no examined photograph: nothing backs a claim that the eye is healthy
-        healthy = "normal" in named and claims.about_the_person(text) and claims.stance(_without_normal_names(text)) != "deny"
-        return ["no examined photograph shows a healthy eye"] if healthy else []
+    if not probabilities:  # no examined photograph: nothing backs a claim that the eye is healthy, or has a disease
+        healthy = "normal" in named and claims.about_the_person(text) and _normal_stance(text) != "deny"
+        diseased = [d for d in named if d != "normal"] and claims.PHOTO_DEIXIS.search(text) and claims.stance(text) != "deny"
+        return ["no examined photograph shows a healthy eye"] if healthy else ["no photograph was examined"] if diseased else []
     if not claims.is_about_the_photo(text):
         return []
     problems = []
@@ -219,7 +224,7 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
         p = probabilities.get(disease)
         if p is None or _quotes_probability(sentence, p):
             continue
-        stance = claims.stance(_without_normal_names(text) if disease == "normal" else text)
+        stance = _normal_stance(text) if disease == "normal" else claims.stance(text)
         name = "a healthy eye" if disease == "normal" else disease.replace("_", " ")
         if stance == "deny" and disease != "normal" and p >= SUPPORTED_PROBABILITY:
             problems.append(f"the classifier gives {name} {p:.2f}, so it cannot be ruled out")
@@ -227,10 +232,17 @@ def _disease_conflicts(sentence: str, probabilities: dict[str, float]) -> list[s
             problems.append(f"the classifier does not support {name} ({p:.2f})")
         elif stance == "certain" and p < CERTAIN_PROBABILITY:
             problems.append(f"the classifier gives {name} {p:.2f}, not a certainty")
-    if "normal" in named and claims.stance(_without_normal_names(text)) != "deny":
+    if "normal" in named and _normal_stance(text) != "deny" and not _quotes_probability(sentence, probabilities.get("normal", -1)):
         problems += [f"the classifier gives {d.replace('_', ' ')} {p:.2f}, so the eye is not shown healthy"
                      for d, p in probabilities.items() if d != "normal" and p >= SUPPORTED_PROBABILITY]
     return problems
+
+
+def _normal_stance(text: str) -> str:
+    """How the clause that calls the eye healthy holds it ("nothing wrong with this eye, so no further checks": affirmed)."""
+    clauses = [c for c in re.split(r"[;,]|\bso\b|，|；", text) if claims.HEALTHY.search(c) or any(n in c for n in disease_names("normal"))]
+    stances = {claims.stance(_without_normal_names(c)) for c in clauses or [text]}
+    return "deny" if "deny" in stances else stances.pop()
 
 
 def _without_normal_names(text: str) -> str:
@@ -312,19 +324,25 @@ def lesion_counts(evidence: list[str]) -> dict[str, int]:
 
 
 def _lesion_conflicts(sentence: str, counts: dict[str, int], examined: bool) -> list[str]:
-    """A lesion said to be in (or absent from) this photograph against the segmenter's count (a stated number is the number check's)."""
+    """A lesion said to be in (or absent from) this photograph against the segmenter's count, clause by clause
+    (a clause that states a number is the number check's)."""
     text = sentence.lower()
-    if not examined or not claims.PHOTO_DEIXIS.search(text) or NUMBER.search(text):
+    if not claims.PHOTO_DEIXIS.search(text):
         return []
     problems = []
-    for kind, pattern in LESION_WORDS.items():
-        if kind not in counts or not re.search(pattern, text):
+    # Clauses with their own subject ("... and there are ..."); a list ("no X, Y or Z") keeps its negation.
+    for clause in re.split(r";\s+|,?\s+(?:and|but|while)\s+(?=(?:there|the|it|this|these|they|its?)\b)", text):
+        kinds = [kind for kind, pattern in LESION_WORDS.items() if re.search(pattern, clause)]
+        if not kinds or NUMBER.search(clause):
             continue
-        denied = claims.stance(text) == "deny"
-        if denied and counts[kind] > 0:
-            problems.append(f"the segmenter counted {counts[kind]} {kind}")
-        elif not denied and counts[kind] == 0:
-            problems.append(f"the segmenter found no {kind}")
+        if not examined:
+            return ["no photograph was examined"]
+        denied = claims.stance(clause) == "deny"
+        for kind in kinds:
+            if kind in counts and denied and counts[kind] > 0:
+                problems.append(f"the segmenter counted {counts[kind]} {kind}")
+            elif kind in counts and not denied and counts[kind] == 0:
+                problems.append(f"the segmenter found no {kind}")
     return problems
 
 
@@ -341,7 +359,8 @@ def _copies_a_description(sentence: str, descriptions: list[list[str]]) -> bool:
         run = matcher.find_longest_match(0, len(words), 0, len(source)).size
         if run >= COPIED_WORDS and run >= 0.6 * len(words):
             return True
-        if words[:2] in (["this", "tool"], ["the", "tool"]) and sum(b.size for b in matcher.get_matching_blocks()) >= 0.5 * len(words):
+        if ("tool" in words[:3] and not NUMBER.search(sentence)
+                and sum(b.size for b in matcher.get_matching_blocks()) >= 0.5 * len(words)):
             return True
     return False
 
@@ -352,15 +371,24 @@ def _unbacked_knowledge(sentence: str, passages: dict[str, str], found: Evidence
     text = CITATION.sub(" ", sentence)
     if any(n in found.anywhere for n in NUMBER.findall(text)):  # it quotes a tool's figure: a finding, not knowledge
         return False
-    if (claims.NON_LATIN.search(text) or NOT_ENGLISH.search(text.lower()) or not passages or claims.is_about_the_photo(text.lower()) or TOOL_TALK.search(text.lower())
-            or not (named_diseases(text) or named_signs(text) or claims.abbreviated_diseases(text))):
+    if (claims.NON_LATIN.search(text) or NOT_ENGLISH.search(text.lower()) or not passages or claims.is_about_the_photo(text.lower())
+            or TOOL_TALK.search(text.lower())):
         return False
     words = claims.content_words(text)
-    if len(words) < 3:
+    # Only a statement about a disease or sign is knowledge to check (advice and courtesy are not), from three content words on.
+    names_a_subject = ([d for d in named_diseases(text) if d != "normal"] or named_signs(text) or claims.abbreviated_diseases(text)
+                       or TREATMENT_TERMS.search(text.lower()))
+    if not names_a_subject or len(words) < 3:
         return False
     stems = [w[:5] for w in words]
-    return max(sum(stem in held for stem in stems) / len(stems)
-               for held in ({w[:5] for w in claims.content_words(t)} for t in passages.values())) < KNOWLEDGE_COVERAGE
+    # A claim is held where a passage states it: within two neighbouring sentences, not scattered over the passage.
+    spans = [" ".join(sentences[i:i + 2]).lower() for passage in passages.values()
+             for sentences in [SENTENCE.split(passage)] for i in range(len(sentences))]
+    # "Only", "always", "permanently", "no side effects": an absolute claim needs a passage sentence that says it too.
+    absolutes = ABSOLUTE.findall(text.lower())
+    spans = [span for span in spans if all(word in span for word in absolutes)]
+    return max((sum(stem in held for stem in stems) / len(stems)
+                for held in ({w[:5] for w in claims.content_words(span)} for span in spans)), default=0.0) < KNOWLEDGE_COVERAGE
 
 
 def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,

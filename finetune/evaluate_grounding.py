@@ -1,13 +1,13 @@
 """`ophglm eval grounding`: the grounding check alone, on sentences labelled keep / remove by hand.
 
-`benchmarks/grounding_sentences.jsonl` holds sentences a small model might write, each with
-the verdict the labelling policy gives, written without reading the check's code, against
-the recorded contexts of `benchmarks/grounding_contexts.json` (real tool outputs and
-retrieved passages). The check sees exactly what it sees in a turn: the sentence, the
-context's tool results, passages, classifier probabilities and urgency. Figures: precision
-and recall of removal, on the sentences with odd numbers ("dev", where the check's rules
-were tuned) and on those with even numbers ("test", never looked at while tuning), and
-per category and language.
+Each set holds sentences a small model might write, each with the verdict the labelling
+policy gives, written without reading the check's code, against the recorded contexts of
+`benchmarks/grounding_contexts.json` (real tool outputs and retrieved passages). The check
+sees exactly what it sees in a turn: the sentence, the context's tool results, passages,
+classifier probabilities and urgency. Two sets, by two authors: the development set, whose
+disagreements the check's rules were fixed against, and the held-out set, written after the
+rules were frozen and never used to change them. Figures: precision and recall of removal
+for each set, and per category and language.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 SENTENCES = Path("benchmarks/grounding_sentences.jsonl")
+HELD_OUT = Path("benchmarks/grounding_sentences_holdout.jsonl")
 CONTEXTS = Path("benchmarks/grounding_contexts.json")
-
-
-def split_of(sentence_id: str) -> str:
-    digits = "".join(c for c in sentence_id if c.isdigit())
-    return "dev" if int(digits or 0) % 2 else "test"
 
 
 def tool_descriptions() -> tuple[str, ...]:
@@ -62,9 +58,8 @@ def evaluate_grounding(sentences: Path = SENTENCES, contexts: Path = CONTEXTS) -
     if unknown := {r["context"] for r in rows} - set(context_table):
         raise ValueError(f"{sentences} names contexts that {contexts} lacks: {', '.join(sorted(unknown))}")
     judged = judge(rows, context_table, tool_descriptions())
-    groups: dict[str, dict[str, list]] = {"split": defaultdict(list), "category": defaultdict(list), "lang": defaultdict(list)}
+    groups: dict[str, dict[str, list]] = {"category": defaultdict(list), "lang": defaultdict(list)}
     for row in judged:
-        groups["split"][split_of(row["id"])].append(row)
         groups["category"][row["category"]].append(row)
         groups["lang"][row["lang"]].append(row)
     return {"all": removal_scores(judged),
@@ -74,24 +69,32 @@ def evaluate_grounding(sentences: Path = SENTENCES, contexts: Path = CONTEXTS) -
 
 
 def cmd_eval_grounding(args) -> None:
-    report = evaluate_grounding(Path(args.sentences), Path(args.contexts))
+    sets = {Path(f).stem.removeprefix("grounding_sentences").strip("_") or "development": Path(f) for f in args.sentences}
+    reports = {name: evaluate_grounding(path, Path(args.contexts)) for name, path in sets.items() if path.is_file()}
+    if not reports:
+        raise FileNotFoundError(f"no labelled sentences at {', '.join(args.sentences)}")
     if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json.dumps(reports, indent=2, ensure_ascii=False))
         return
-    print(f"{'':24}{'n':>5}{'precision':>11}{'recall':>8}")
-    rows = [("all", report["all"])] + [(f"{group} {key}", s) for group in ("split", "category", "lang") for key, s in report[group].items()]
-    for name, s in rows:
-        print(f"{name:24}{s['sentences']:>5}{s['precision'] if s['precision'] is not None else '-':>11}{s['recall'] if s['recall'] is not None else '-':>8}")
+    for name, report in reports.items():
+        _print_report(name, report, args.show)
+
+
+def _print_report(name: str, report: dict, show: int) -> None:
+    print(f"{name + ' set':24}{'n':>5}{'precision':>11}{'recall':>8}")
+    rows = [("all", report["all"])] + [(f"{group} {key}", s) for group in ("category", "lang") for key, s in report[group].items()]
+    for row, s in rows:
+        print(f"{row:24}{s['sentences']:>5}{s['precision'] if s['precision'] is not None else '-':>11}{s['recall'] if s['recall'] is not None else '-':>8}")
     print(f"disagreements: {len(report['errors'])}")
-    for error in report["errors"][: args.show]:
+    for error in report["errors"][:show]:
         print(f"  {error['id']} [{error['context']}] labelled {error['verdict']}, check says {error['check']}: {error['sentence']}"
               + (f" ({error['check_why']})" if error["check_why"] else ""))
 
 
 def add_eval_grounding_parser(eval_subparsers) -> None:
     p = eval_subparsers.add_parser("grounding", help="precision and recall of the grounding check's removals on hand-labelled sentences")
-    p.add_argument("--sentences", default=str(SENTENCES))
+    p.add_argument("--sentences", nargs="+", default=[str(SENTENCES), str(HELD_OUT)], help="labelled sets (JSON lines)")
     p.add_argument("--contexts", default=str(CONTEXTS))
-    p.add_argument("--show", type=int, default=20, help="how many disagreements to print")
+    p.add_argument("--show", type=int, default=10, help="how many disagreements to print per set")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_grounding)
