@@ -103,7 +103,7 @@ def name_matches(name: str, text: str) -> bool:
 
 
 def abbreviated_diseases(sentence: str) -> set[str]:
-    return {d for abbreviation, d in ABBREVIATIONS.items() if re.search(rf"(?<![\w.]){abbreviation}(?![\w.])", sentence)}
+    return {d for abbreviation, d in ABBREVIATIONS.items() if re.search(rf"(?<![\w.]){abbreviation}(?!\w)", sentence)}
 
 
 def is_about_the_photo(text: str) -> bool:

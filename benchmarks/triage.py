@@ -1,16 +1,18 @@
 """Triage benchmark: the rule table's level against each photograph's label, on unseen photographs.
 
     python benchmarks/triage.py --data ../shared/data                 # tools run, findings cached
+    python benchmarks/triage.py --data ../shared/data --choose        # search the table's thresholds on the choosing part
     python benchmarks/triage.py --data ../shared/data --json
 
 The triage level comes from the rule table over the vision tools' findings
 (agent/triage.py), so its accuracy is the tools' accuracy seen through the rules; this
 measures it without the LLM. Photographs: the validation split (no vision model was trained
-on them; the classifier's early stopping and calibration used them), less the ones `benchmarks/agent_scenarios.jsonl` asks about, so the rule table can
-be tuned here while the agent evaluation's triage figure stays a held-out check. Expected
-level by label as in finetune/scenarios.py: normal -> none, cataract -> routine, glaucoma and
-pathologic myopia -> soon; diabetic retinopathy photographs carry no grade, so they only
-count as "referred" (any level but none) or not.
+on them; the classifier's early stopping and calibration used them), cut in two by a hash of
+the file name: the table's thresholds are chosen on the "choose" part (`--choose` prints the
+best), and the accuracy to quote is the "report" part's, which choosing never reads. Expected
+level by label: normal -> none, cataract -> routine, glaucoma and pathologic myopia -> soon;
+diabetic retinopathy photographs carry no grade, so they only count as "referred" (any level
+but none) or not.
 
 The tools' findings are cached per photograph, keyed by the gate tools' weights and their
 source code (--cache), so a change to the rule table is re-measured in a second and a
@@ -31,27 +33,32 @@ from PIL import Image
 from tqdm import tqdm
 
 from ophglm import tools as tools_package
+from ophglm.agent import triage as rule_table
+from ophglm.agent.examination import TRIAGE, examine
 from ophglm.agent.triage import triage
 from ophglm.finetune.datasets import classification_records, split_of
-from ophglm.finetune.scenarios import TRIAGE_BY_LABEL
 from ophglm.session import Session
 from ophglm.settings import Settings, load_settings
 from ophglm.tools.anatomy import DISC_CUP_FILE
-from ophglm.tools.base import ToolError
 from ophglm.tools.classify_fundus import CLASSIFIER_FILE
 from ophglm.tools.registry import load_tools
 from ophglm.tools.segment_lesions import SEGMENTER_FILE
 from ophglm.tools.vision import weights_fingerprint, weights_path
 
-GATES = ("assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc")
+TRIAGE_BY_LABEL = {"normal": "none", "cataract": "routine", "glaucoma": "soon", "pathologic_myopia": "soon"}
+# The rule table's thresholds `--choose` searches (module constants of agent/triage.py), with the values tried.
+THRESHOLDS = {"MACULAR_EXUDATES_MIN_DR": (0.3, 0.5, 0.7), "LARGE_CUP_MIN_GLAUCOMA": (0.2, 0.3, 0.4),
+              "GLAUCOMA_MIN": (0.3, 0.4, 0.5, 0.6), "NORMAL_MIN_PROBABILITY": (0.1, 0.2, 0.3, 0.4),
+              "NORMAL_MAX_LESION_AREA": (1.0, 2.0, 5.0, 10.0)}
 
 
-def photographs(root: Path, scenarios: Path | None) -> list:
-    asked = set()
-    if scenarios and scenarios.is_file():
-        asked = {t["image"] for line in scenarios.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"] if t["image"]}
-    return [r for r in classification_records(root)
-            if split_of(r.group) == "val" and str(r.path.relative_to(root)) not in asked]
+def part_of(path: Path) -> str:
+    """'choose' or 'report', fixed by the file name's hash (the same photograph always falls on the same side)."""
+    return "choose" if hashlib.sha1(path.name.encode()).digest()[0] % 2 == 0 else "report"
+
+
+def photographs(root: Path) -> list:
+    return [r for r in classification_records(root) if split_of(r.group) == "val"]
 
 
 def tools_version(settings: Settings) -> str:
@@ -61,7 +68,7 @@ def tools_version(settings: Settings) -> str:
     return "+".join(weights + [source.hexdigest()[:12], f"views{settings.lesion_views}"])
 
 
-def examine(records: list, cache_path: Path, settings: Settings) -> dict[str, dict]:
+def examine_all(records: list, cache_path: Path, settings: Settings) -> dict[str, dict]:
     """Findings of the gate tools per photograph, from the cache where these weights and this code made them."""
     version = tools_version(settings)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -73,15 +80,8 @@ def examine(records: list, cache_path: Path, settings: Settings) -> dict[str, di
         for record in tqdm(todo, desc="examining photographs", unit="img"):
             session = Session()
             image_id = session.add_image(Image.open(record.path).convert("RGB"))
-            found = {}
-            for name in GATES:
-                try:  # a tool that cannot measure this photograph (no disc found) leaves its finding out, as in the agent
-                    result = tools[name](session, image_id=image_id)
-                except ToolError:
-                    continue
-                found[name] = result.findings
-                if name == "assess_quality" and not (result.findings["is_fundus"] and result.findings["gradable"]):
-                    break
+            # The agent's own pipeline; a tool that cannot measure this photograph (no disc found) leaves its finding out.
+            found = {name: f for name, f in examine(session, image_id, tools).findings.items() if name != TRIAGE}
             cache["findings"][str(record.path)] = found
             if len(cache["findings"]) % 50 == 0:
                 _save(cache_path, cache)
@@ -131,22 +131,49 @@ def score(records: list, findings: dict[str, dict]) -> dict:
     }
 
 
+def choose_thresholds(records: list, findings: dict[str, dict]) -> dict:
+    """The thresholds with the best accuracy on these photographs (ties: more DR photographs referred), and that accuracy."""
+    import itertools
+
+    shipped = {name: getattr(rule_table, name) for name in THRESHOLDS}
+    best: tuple = (-1.0, -1.0, shipped)
+    try:
+        for values in itertools.product(*THRESHOLDS.values()):
+            candidate = dict(zip(THRESHOLDS, values))
+            for name, value in candidate.items():
+                setattr(rule_table, name, value)
+            result = score(records, findings)
+            best = max(best, (result["accuracy"] or 0.0, result["diabetic_retinopathy_referred"] or 0.0, candidate), key=lambda b: b[:2])
+    finally:
+        for name, value in shipped.items():
+            setattr(rule_table, name, value)
+    return {"accuracy": best[0], "diabetic_retinopathy_referred": best[1], "thresholds": best[2], "shipped": shipped}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--scenarios", default="benchmarks/agent_scenarios.jsonl", help="photographs asked about there are left out")
+    parser.add_argument("--choose", action="store_true", help="search the rule table's thresholds on the choosing part")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "ophglm" / "triage_findings.json"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     root = Path(args.data)
-    records = photographs(root, Path(args.scenarios))
+    records = photographs(root)
     if not records:
         print(f"no labelled validation photographs under {root}", file=sys.stderr)
         return 2
-    report = score(records, examine(records, Path(args.cache), load_settings()))
-    if args.json:
-        print(json.dumps(report, indent=2))
+    findings = examine_all(records, Path(args.cache), load_settings())
+    parts = {part: [r for r in records if part_of(r.path) == part] for part in ("choose", "report")}
+    if args.choose:
+        print(json.dumps(choose_thresholds(parts["choose"], findings), indent=2))
         return 0
+    reports = {part: score(part_records, findings) for part, part_records in parts.items()}
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    print(f"choosing part: accuracy {reports['choose']['accuracy']} over {reports['choose']['checked']} photographs (the thresholds were chosen here)")
+    report = reports["report"]
+    print("report part (never read while choosing):")
     print(f"triage accuracy {report['accuracy']} over {report['checked']} photographs with an expected level "
           f"({report['photographs']} examined); DR photographs referred: {report['diabetic_retinopathy_referred']}")
     for label, value in report["accuracy_by_label"].items():

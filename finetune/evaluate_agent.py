@@ -30,6 +30,8 @@ from tqdm import tqdm
 from ophglm.finetune.answer_lexicon import in_language, names_finding, numbers_in, quotes_number
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
+# Figures counted per scenario (hits / total), printed in this order.
+COUNTED = ("fact_recall", "addresses_question", "fallback_rate", "removed_share", "language_match", "triage_accuracy", "refusal_accuracy")
 
 
 @lru_cache(maxsize=1)
@@ -194,10 +196,10 @@ def summarise(tally: Tally, scenarios: int) -> dict:
     figures = {"tool_selection_precision": precision, "tool_selection_recall": recall, "tool_selection_f1": f1,
                "argument_validity": _ratio(tally.args_ok, tally.args_total),
                "number_support": _ratio(tally.numbers_supported, tally.numbers_total)}
-    figures |= {name: _ratio(hits, total) for name, (hits, total) in sorted(tally.counts.items())}
+    figures |= {name: _ratio(*tally.counts.get(name, (0, 0))) for name in COUNTED}
     figures |= {"latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
                 "latency_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2) if latencies else None}
-    counts = {f"{name}_n": total for name, (_, total) in sorted(tally.counts.items())}
+    counts = {f"{name}_n": tally.counts.get(name, (0, 0))[1] for name in COUNTED}
     return {"scenarios": scenarios, "turns": len(latencies), "figures": figures, "counts": counts, "failures": tally.failures}
 
 

@@ -85,6 +85,8 @@ def test_ask_about_a_photograph_with_the_packaged_llm(chroma_env, demo_fundus_pa
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout)
     assert [c["name"] for c in out["tool_calls"]][:4] == ["assess_quality", "classify_fundus", "segment_lesions", "measure_optic_disc"]
+    assert all(c["by"] == "pipeline" for c in out["tool_calls"][:5])
+    assert out["parts"] and {p["source"] for p in out["parts"]} <= {"model", "removed", "added"} and isinstance(out["fallback"], bool)
     assert {"classify_fundus", "segment_lesions", "measure_optic_disc"} <= set(out["findings"])
     assert out["refused"] is False and out["refusal_reason"] == ""
     assert out["triage"]["level"] in ("urgent", "soon", "routine", "none") and out["triage"]["reason"]
@@ -94,3 +96,12 @@ def test_ask_about_a_photograph_with_the_packaged_llm(chroma_env, demo_fundus_pa
     assert all(c["text"] for c in out["citations"])
     assert out["timings"]["turn_s"] >= out["timings"]["llm_s"] > 0 and out["timings"]["llm_calls"] >= 1
     assert all(c["seconds"] >= 0 for c in out["tool_calls"]) and sum(c["seconds"] for c in out["tool_calls"]) > 0
+
+
+def test_ask_prints_the_checked_answer_and_a_refusal_too(chroma_env):
+    from ophglm.agent.routers import OUT_OF_SCOPE
+
+    run = ophglm("ask", "How do I bake sourdough bread?", env_extra=chroma_env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # what stays on screen is the reply's answer (here the off-topic gate's refusal), then who did what
+    assert run.stdout.startswith(OUT_OF_SCOPE) and "[pipeline] search_knowledge(" in run.stdout

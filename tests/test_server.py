@@ -71,6 +71,7 @@ def test_photo_turn_streams_tool_calls_findings_triage_and_overlay(client, demo_
         start = next(i for i, (n, d) in enumerate(events) if n == "tool_start" and d["name"] == tool)
         end = next(i for i, (n, d) in enumerate(events) if n == "tool_end" and d["name"] == tool)
         assert start < end and events[end][1]["ok"], events[end][1]
+    assert all(d["by"] == "pipeline" for n, d in events if n in ("tool_start", "tool_end"))  # the examination and the router
     image_id = next(d for n, d in events if n == "tool_start" and d["name"] == "classify_fundus")["args"]["image_id"]
     assert image_id.startswith("img-")
     findings = dict(events)["findings"]
@@ -79,6 +80,8 @@ def test_photo_turn_streams_tool_calls_findings_triage_and_overlay(client, demo_
     triage = dict(events)["triage"]
     assert triage["level"] in ("urgent", "soon", "routine", "none") and triage["reason"]
     assert names[-1] == "done" and "probability of" in events[-1][1]["answer"]
+    first = events[-1][1]["parts"][0]  # the answer says which sentences are the model's own
+    assert first["source"] == "model" and events[-1][1]["answer"].startswith(first["text"]) and not events[-1][1]["fallback"]
     [overlay] = events[-1][1]["artifacts"]
     picture = client.get(f"/v1/sessions/{session_id}/artifacts/{overlay}")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
