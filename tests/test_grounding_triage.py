@@ -92,9 +92,9 @@ def test_triage_rules_are_ordered_and_explain_themselves():
 
 def test_a_reason_resting_on_the_classifier_quotes_its_probability():
     """A follow-up repeats the reason without the classifier's sentence: the reason must carry its own figure."""
-    assert "glaucoma 0.45" in triage(_findings({"glaucoma": 0.45}, {})).reason
+    assert "glaucoma 0.65" in triage(_findings({"glaucoma": 0.65}, {})).reason
     assert "(classifier 0.81)" in triage(_findings({"diabetic_retinopathy": 0.81}, {"HE": 1})).reason
-    assert check_answer(f"Reason: {triage(_findings({'glaucoma': 0.45}, {})).reason}.", ["glaucoma 0.45"], {}, {"glaucoma": 0.45}).text
+    assert check_answer(f"Reason: {triage(_findings({'glaucoma': 0.65}, {})).reason}.", ["glaucoma 0.65"], {}, {"glaucoma": 0.65}).text
 
 
 def _measured(dr=0.3, normal=0.6, ex_count=0, macular=False, cdr=None, reliable=True, glaucoma=0.0):
