@@ -12,15 +12,8 @@ from __future__ import annotations
 
 import re
 
-# Disease names beyond the English ones in grounding.DISEASE_NAMES (lower case; CJK and Devanagari match anywhere).
-DISEASE_NAMES_OTHER = {
-    "diabetic_retinopathy": ("diabetic eye damage", "npdr", "pdr", "糖尿病视网膜病变", "糖尿病性视网膜病变", "糖网", "retinopatía diabética",
-                             "diabetische retinopathie", "डायबिटिक रेटिनोपैथी", "मधुमेह रेटिनोपैथी"),
-    "glaucoma": ("poag", "ntg", "pacg", "青光眼", "glaukom", "ग्लूकोमा", "काला मोतिया"),
-    "cataract": ("白内障", "catarata", "katarakt", "grauer star", "मोतियाबिंद"),
-    "pathologic_myopia": ("病理性近视", "miopía patológica", "pathologische myopie", "पैथोलॉजिकल मायोपिया"),
-    "amd": ("年龄相关性黄斑变性", "黄斑变性", "degeneración macular", "makuladegeneration", "मैकुलर डिजनरेशन"),
-}
+from ophglm.agent.vocabulary import disease_names
+
 ABBREVIATIONS = {"DR": "diabetic_retinopathy"}  # matched case-sensitively ("Dr" is a doctor)
 HEALTHY = re.compile(r"\b(healthy|normal|no referable disease|no disease|nothing wrong|no problems?|sano|normal|gesund|unauffällig)\b"
                      r"|健康|正常|没有任何问题|स्वस्थ|सामान्य")

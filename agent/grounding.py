@@ -1,25 +1,22 @@
-"""Check an answer against the session's tool results before anyone reads it.
+"""Check an answer against the conversation's tool results and retrieved passages before anyone reads it.
 
-A small LLM invents numbers and citations. Every number in the answer must appear in a
-tool result of this conversation (as written, or rounded), as a figure of the quantity the
-answer's clause names: "vessel density is 5" needs a 5 in a clause about vessels, not
-another tool's 5 (a clause naming no quantity may quote any tool's number). Every
-`[doc#section]` citation must name a passage that was retrieved. A sentence that fails is
-removed, and the reply says so. A sentence that says what *this* photograph shows ("your eye has glaucoma",
-"the eye is healthy") must agree with the classifier: naming a disease it gives less than
-0.5, or denying one it gives 0.5 or more, removes the sentence. General statements about
-a disease ("glaucoma damages the optic nerve") are knowledge: a retrieved passage must
-discuss that disease; the sentence keeps its own citation of one, or gets one added, so the
-reader can trace it. A disease named by neither the classifier nor any passage is removed.
-A clinical sign ("a cherry-red spot", "drusen", "neovascularisation") follows the same rule
-whether asserted or denied: a tool result of the conversation must name it (the segmenter
-reports haemorrhages, exudates...), or a retrieved passage must discuss it (and is cited);
-no tool looks for a cherry-red spot, so neither "there is one" nor "there is none" is a
-finding. The urgency is the rule table's: a sentence that states another level ("the referral
-urgency is routine" when the table says soon, or any level when no photograph was
-examined) is removed. A small model also copies a tool's description from its prompt ("The
-referral urgency (urgent, soon, routine or none) that OphGLM's rule table gives..."): such
-a sentence says nothing about this eye and is removed too.
+A small LLM invents numbers, findings and citations, and copies its prompt. Each sentence is
+read for what it claims (claims.py: subject and polarity, in English, Chinese, Spanish, German
+and Hindi) and removed, with why, when:
+- a number is not a figure of the quantity its clause names in a tool result ("vessel density
+  is 5" needs a 5 about vessels); a measurement of this eye cannot come from a passage;
+- a `[doc#section]` citation names no retrieved passage;
+- a claim about this photograph disagrees with the classifier, read with its polarity: asserting
+  or hedging a disease it gives under 0.5, denying one it gives 0.5 or more, certainty ("no
+  doubt") under 0.9, a healthy eye against a likely disease, or any of these with no examined
+  photograph; quoting the classifier's own probability is always fine;
+- it states an urgency, by level or by time frame, other than the rule table's (a rule stated
+  for anyone, "a sudden curtain needs urgent referral", is knowledge);
+- it gives a disease as a measurement's value ("the blood supply is diabetic retinopathy");
+- it claims of this photograph a sign no tool looks for, or a lesion against the segmenter's
+  count; a general statement about a disease or sign needs a retrieved passage that discusses
+  it (its citation is added) and whose neighbouring sentences hold most of its words;
+- it repeats a tool's description instead of a finding.
 """
 
 from __future__ import annotations
@@ -29,82 +26,22 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from ophglm.agent import claims
+from ophglm.agent.vocabulary import (DISEASE_NAMES, QUANTITIES, QUANTITY_PATTERNS, SIGN_PATTERNS, disease_names)
 
 # Digits next to CJK or Devanagari letters are numbers too ("血管密度为3%"); next to Latin letters they are ids.
 NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d+(?:\.\d+)?(?![A-Za-z0-9_])")
 DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d{1,2}\b)")  # "0,95" in Spanish and German
 CITATION = re.compile(r"\[([a-z0-9_]+#[a-z0-9-]+)\]")
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
-# How an answer may name each class the classifier knows (lower case).
-DISEASE_NAMES = {
-    "diabetic_retinopathy": ("diabetic retinopathy", "diabetic eye disease"),
-    "glaucoma": ("glaucoma", "glaucomatous"),
-    "cataract": ("cataract",),
-    "pathologic_myopia": ("pathologic myopia", "pathological myopia", "myopic maculopathy"),
-    "amd": ("macular degeneration", "amd"),
-    "hypertensive_retinopathy": ("hypertensive retinopathy",),
-    "normal": ("healthy", "normal eye", "is normal", "looks normal", "no disease", "nothing wrong"),
-}
 SUPPORTED_PROBABILITY = 0.5
 CERTAIN_PROBABILITY = 0.9  # "there is no doubt this is glaucoma" needs more than a favoured class
-# The quantities a number can be a figure of, and how a clause (of a tool result or of an answer) names them.
-QUANTITIES = {
-    "microaneurysms": r"micro-?aneurysms?|微动脉瘤|microaneurisma|mikroaneurysm",
-    "haemorrhages": r"ha?emorrhag\w*|bleed\w*|bleeding spots?|出血|hemorragia|blutung|रक्तस्राव",
-    "hard exudates": r"hard exudates?|(?<!soft )exudates?|硬性渗出|exudados? duros?|harte exsudate",
-    "soft exudates": r"soft exudates?|cotton[- ]wool|棉絮斑",
-    "cup-to-disc ratio": r"cup[- ]to[- ]disc|\bcdr\b|杯盘比|cup-to-disc-verhältnis|कप-टू-डिस्क",
-    "vessel density": r"\bvessels?\b|\bvascular|血管|densidad vascular|gefäß|वाहिका",
-    "disc size": r"\bpixels?\b|\bpx\b|像素",
-    "axial length": r"axial length|眼轴",
-    "intraocular pressure": r"\biop\b|intraocular pressure|eye pressure|眼压",
-    "normal": r"\bnormal\b|\bhealthy\b|no referable disease",
-} | {disease: "|".join(rf"\b{re.escape(n)}\b" for n in names) for disease, names in DISEASE_NAMES.items() if disease != "normal"}
-QUANTITIES["diabetic_retinopathy"] += r"|\bdr\b|\bnpdr\b|\bpdr\b"
-QUANTITY_PATTERNS = {quantity: re.compile(pattern) for quantity, pattern in QUANTITIES.items()}
-# Signs an answer may name, each with the ways it is written (lower case). A tool result or a passage
-# naming the sign in any of these ways supports it.
-SIGNS = {
-    "microaneurysms": r"micro-?aneurysms?|微动脉瘤|microaneurisma|mikroaneurysm",
-    "haemorrhages": r"ha?emorrhag\w*|\bblots?\b|flame[- ]shaped|出血|hemorragia|blutung|रक्तस्राव",
-    "exudates": r"exudates?|渗出|exudado|exsudat",
-    "cotton-wool spots": r"cotton[- ]wool",
-    "drusen": r"\bdrusen\b|\bdrusas\b|玻璃膜疣|ड्रूसन",
-    "neovascularisation": r"neovasculari[sz]\w*|new vessels|\bcnv\b",
-    "macular oedema": r"macular o?edema|\bcsme\b|\bdme\b|\bdmo\b|黄斑水肿|edema macular|makulaödem",
-    "cherry-red spot": r"cherry[- ]red",
-    "papilloedema": r"papill?o?edema|swollen (optic )?disc|disc (swelling|o?edema)",
-    "retinal detachment": r"detach\w*",
-    "venous beading": r"venous beading|beaded veins?",
-    "intraretinal microvascular abnormalities": r"\birma\b|intraretinal microvascular",
-    "vessel tortuosity": r"tortuo\w+",
-    "arteriovenous nicking": r"\bav nicking|arterio-?venous nicking|nipping",
-    "peripapillary atrophy": r"peripapillary atrophy|\bppa\b",
-    "tessellation": r"tessellat\w+|tigroid",
-    "lacquer cracks": r"lacquer cracks?",
-    "fuchs spot": r"fuchs'? spot",
-    "staphyloma": r"staphyloma",
-    "geographic atrophy": r"geographic atrophy",
-    "disc pallor": r"pallor|pale (optic )?disc",
-    "rim notching": r"notch\w*",
-    "vessel occlusion": r"occlu\w+",
-    "emboli": r"embol\w+",
-    "laser scars": r"photocoagulation|laser scars?",
-    "pigmentary changes": r"pigment\w*|bone[- ]spicule",
-    "naevus": r"na?evus|na?evi\b",
-    "tumour": r"melanoma|retinoblastoma|tumou?r",
-    "macular hole": r"macular hole|retinal (hole|tear)",
-    "epiretinal membrane": r"epiretinal",
-    "copper or silver wiring": r"(copper|silver)[- ]wir\w+",
-}
-SIGN_PATTERNS = {sign: re.compile(pattern) for sign, pattern in SIGNS.items()}
 CLAUSE = re.compile(r";\s+|,\s+(?![^(]*\))")  # commas inside parentheses stay with their clause
 COPIED_WORDS = 8
 URGENCY_TOPIC = re.compile(r"\b(urgency|triage)\b")
-KNOWLEDGE_COVERAGE = 0.65
+KNOWLEDGE_COVERAGE = 0.65  # share of a general statement's content words two neighbouring passage sentences must hold
 # Conditions and treatments beyond the classifier's classes and the signs, which knowledge statements are about.
 TREATMENT_TERMS = re.compile(r"\b(myopia|occlusions?|implants?|injections?|drops|surgery|laser|vitamins?|atropine|steroids?)\b")
-ABSOLUTE = re.compile(r"\b(only|always|never|all|whole|every|permanently|completely|cured?|guaranteed?|no side effects)\b")  # share of a general statement's content words one retrieved passage must hold
+ABSOLUTE = re.compile(r"\b(only|always|never|all|whole|every|permanently|completely|cured?|guaranteed?|no side effects)\b")
 # Sentences about the tools or the sources, not knowledge claims of their own.
 TOOL_TALK = re.compile(r"\b(classifier|segmenter|tools?|triage|rule table|probabilit\w*|measured|measurement|findings?|found|lesions|"
                        r"knowledge base|described|passages?|sources?|reason)\b")
@@ -190,10 +127,6 @@ def classifier_supports(sentence: str, p: float | None) -> bool:
     lowered = sentence.lower()
     denied_of_photo = claims.stance(lowered) == "deny" and claims.is_about_the_photo(lowered)
     return p is not None and (_quotes_probability(sentence, p) or (p >= SUPPORTED_PROBABILITY) != denied_of_photo)
-
-
-def disease_names(disease: str) -> tuple[str, ...]:
-    return DISEASE_NAMES.get(disease, ()) + claims.DISEASE_NAMES_OTHER.get(disease, ())
 
 
 def named_diseases(sentence: str) -> list[str]:
