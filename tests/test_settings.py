@@ -26,6 +26,8 @@ def test_toml_then_environment_then_overrides(monkeypatch, tmp_path):
     ({"OPHGLM_THREADS": "many"}, "OPHGLM_THREADS='many' is not a valid int"),
     ({"OPHGLM_DTYPE": "float8"}, "dtype must be one of"),
     ({"OPHGLM_LESION_VIEWS": "8"}, "lesion_views must be 1 to 4"),
+    ({"OPHGLM_ROUTERS": "knowledge,everything"}, "routers must be among"),
+    ({"OPHGLM_TOOL_TIMEOUT_S": "soon"}, "OPHGLM_TOOL_TIMEOUT_S='soon' is not a valid float"),
 ])
 def test_bad_settings_name_the_problem(monkeypatch, env, message):
     for key, value in env.items():
@@ -41,3 +43,12 @@ def test_unknown_key_and_missing_file_in_toml(tmp_path):
         load_settings(config)
     with pytest.raises(ValueError, match="settings file not found"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_environment_values_arrive_with_their_fields_types(monkeypatch):
+    # OPHGLM_TOOL_TIMEOUT_S=30 once arrived as the string "30" and broke the turn.
+    monkeypatch.setenv("OPHGLM_TOOL_TIMEOUT_S", "30")
+    monkeypatch.setenv("OPHGLM_ROUTERS", "")
+    s = load_settings()
+    assert s.tool_timeout_s == 30.0 and isinstance(s.tool_timeout_s, float)
+    assert s.router_names == ()  # no routers: the model alone decides the vessel and knowledge calls

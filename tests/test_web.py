@@ -59,6 +59,7 @@ def test_photo_question_streams_into_the_page(page, demo_fundus_path, tmp_path):
     assert sorted(item.get_attribute("data-tool") for item in tools.all()) == [
         "assess_quality", "classify_fundus", "measure_optic_disc", "search_knowledge", "segment_lesions", "triage_findings"]
     assert {item.get_attribute("data-status") for item in tools.all()} == {"ok"}
+    assert {item.get_attribute("data-by") for item in tools.all()} == {"pipeline"}  # the examination and the router
     expect(bot.locator(".answer")).to_contain_text("probability of")
 
     findings = page.locator("#findings tbody")
