@@ -12,6 +12,7 @@ edges (`Examination.findings`, the records).
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ QUALITY_GATE = "assess_quality"
 EXAMINE = ("classify_fundus", "segment_lesions", "measure_optic_disc")
 TRIAGE = "triage_findings"
 PIPELINE = "pipeline"
+PLURAL_S = re.compile(r"(?<=[a-z])s\b")  # "haemorrhages" -> "1 haemorrhage"
 MODEL = "model"
 
 
@@ -77,8 +79,9 @@ class LesionFindings:
     macular_exudates: bool | None   # None: no fovea located
 
     def seen(self) -> list[str]:
-        """'3 microaneurysms', ... for each kind with a count above 0."""
-        return [f"{n} {LESION_NAMES.get(code, code)}" for code, n in self.counts.items() if n]
+        """'3 microaneurysms', '1 haemorrhage', ... for each kind with a count above 0."""
+        names = {code: LESION_NAMES.get(code, code) for code in self.counts}
+        return [f"{n} {names[code] if n > 1 else PLURAL_S.sub('', names[code])}" for code, n in self.counts.items() if n]
 
 
 @dataclass
