@@ -18,9 +18,9 @@ from ophglm.tools.classify_fundus import LABELS
 
 VESSEL_WORDS = re.compile(
     r"\b(blood vessels?|vessels?|vascular\w*|vasculature|arter(y|ies|ial|ioles?)|veins?|venous|venules?|"
-    r"blood supply|blood flow|circulation|perfusion|vasos?|arterias?|venas?|vascular|gef(ä|ae)(ss|ß)\w*|arterien|venen|"
-    r"durchblutung|blutversorgung)\b"
-    r"|血管|动脉|静脉|血供|血流|循环|रक्त\s*वाहिका\w*|वाहिका\w*|धमनी\w*|नस(ें|ों)?|शिरा\w*|रक्त\s*प्रवाह|रक्त\s*संचार",
+    r"blood supply|blood flow|circulation|perfusion|vasos?|arterias?|venas?|vascular|arterien|venen|"
+    r"durchblutung|blutversorgung)\b|\w*gef(ä|ae)(ss|ß)\w*"
+    r"|血管|动脉|静脉|血供|供血|血流|循环|रक्त\s*वाहिका\w*|वाहिका\w*|धमनी\w*|नस(ें|ों)?|शिरा\w*|रक्त\s*प्रवाह|रक्त\s*संचार",
     re.I)
 OUT_OF_SCOPE = ("I can only help with questions about the eyes and with colour fundus photographs, "
                 "and the knowledge base has nothing on this question.")

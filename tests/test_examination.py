@@ -106,3 +106,14 @@ def test_the_stored_history_says_who_wrote_what(settings, tools, demo_fundus_pat
     record = stored[-1].additional_kwargs["ophglm_reply"]
     assert record["fallback"] is True and reply.fallback  # "healthy" did not hold: the answer is the code's
     assert [p["source"] for p in record["parts"]][0] == "removed" and {c["by"] for c in record["tool_calls"]} == {"pipeline"}
+
+
+@pytest.mark.parametrize("question, vessels", [
+    ("How is the blood supply of the retina?", True), ("Are the arteries narrowed?", True), ("视网膜供血好不好？", True),
+    ("Und wie steht es um die Blutgefäße?", True), ("¿Cómo están los vasos sanguíneos?", True), ("रक्त वाहिकाएँ कैसी हैं?", True),
+    ("What is glaucoma?", False), ("How urgent is it?", False),
+])
+def test_the_vessel_router_reads_the_users_languages(question, vessels):
+    from ophglm.agent.routers import asks_about_vessels
+
+    assert asks_about_vessels(question) is vessels
