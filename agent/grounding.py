@@ -51,8 +51,15 @@ NOT_ENGLISH = re.compile(r"\b(el|la|los|las|del|una|con|es|der|die|das|und|ist|e
 
 @dataclass
 class GroundedAnswer:
-    kept: list[str] = field(default_factory=list)
-    removed_with_why: list[tuple[str, str]] = field(default_factory=list)  # (sentence, why)
+    verdicts: list[tuple[str, str]] = field(default_factory=list)  # (sentence, why removed; "" = kept), in the answer's order
+
+    @property
+    def kept(self) -> list[str]:
+        return [s for s, why in self.verdicts if not why]
+
+    @property
+    def removed_with_why(self) -> list[tuple[str, str]]:
+        return [(s, why) for s, why in self.verdicts if why]
 
     @property
     def text(self) -> str:
@@ -343,7 +350,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     signs_found = set().union(*(named_signs(text) for text in tool_results))
     counts = lesion_counts(tool_results)
     descriptions = [_words(d) for d in tool_descriptions]
-    kept, removed = [], []
+    verdicts = []
     sentences = SENTENCE.split(answer.strip())
     if len(sentences) > 1 and not sentences[-1].rstrip().endswith((".", "!", "?", ")", "]")):
         sentences.pop()  # cut off by the token limit: a half sentence can mislead
@@ -362,7 +369,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
             why = ", ".join(bad_numbers
                             + [f"citation [{c}] was not retrieved" for c in bad_citations] + conflicts
                             + [f"no tool result or retrieved passage discusses {d}" for d in unsupported])
-            removed.append((sentence.strip(), why))
+            verdicts.append((sentence.strip(), why))
         elif sentence.strip():
-            kept.append(sentence.strip())
-    return GroundedAnswer(kept, removed)
+            verdicts.append((sentence.strip(), ""))
+    return GroundedAnswer(verdicts)

@@ -104,7 +104,7 @@ def compose(turn: Turn) -> Reply:
     level = turn.urgency.level if turn.urgency else None
     grounded = check_answer(turn.model_answer or "", turn.evidence, passages, turn.probabilities, checks_urgency=True,
                             urgency=level, tool_descriptions=turn.tool_descriptions)
-    parts = [AnswerPart(s, MODEL) for s in grounded.kept] + [AnswerPart(s, REMOVED, why) for s, why in grounded.removed_with_why]
+    parts = [AnswerPart(s, REMOVED, why) if why else AnswerPart(s, MODEL) for s, why in grounded.verdicts]
     kept = [p for p in parts if p.source == MODEL]
     reply.fallback = not kept
     reply.notes += [f"removed an unsupported statement: {r}" for r in grounded.removed]

@@ -42,8 +42,10 @@ def cmd_analyze(args) -> None:
     image_id = session.add_image_file(args.path)
     tools = {t.name: t for t in builtin_tools(settings)}
     examination = examine(session, image_id, tools)
-    if not examination.accepted:
-        raise ValueError(f"{args.path} was not analysed: it is {examination.quality.verdict if examination.quality else examination.steps[0].summary}")
+    if examination.refusal:
+        raise ValueError(f"{args.path} was not analysed: it is {examination.quality.verdict}")
+    if not examination.accepted:  # a tool failed (the tool server down, say): say which, with its reason
+        raise ValueError(f"{args.path} was not analysed: {next(s.summary for s in examination.steps if not s.ok)}")
     findings = {s.name: (s.findings if s.ok else {"error": s.summary}) for s in examination.steps}
     summaries = [s.summary for s in examination.steps]
     try:  # a finer measurement beyond the examination; its failure must not hide the others
