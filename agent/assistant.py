@@ -33,7 +33,7 @@ from ophglm.agent.examination import (EXAMINE, MODEL, PIPELINE, QUALITY_GATE, TR
                                       from_findings)
 from ophglm.agent.reply import Reply, ToolCallRecord, Turn, compose
 from ophglm.agent.routers import OUT_OF_SCOPE, asks_about_vessels, knowledge_query
-from ophglm.agent.triage import TriageFindings, triage
+from ophglm.agent.triage import TriageFindings
 from ophglm.session import ImageError, Session, decode_image
 from ophglm.settings import Settings
 from ophglm.tools.base import Tool, ToolError
@@ -252,7 +252,7 @@ class Assistant:
             question=question, steps=steps, model_answer=None if by_pipeline else (final.text if final else ""),
             refusal=final.text if by_pipeline else "", evidence=evidence, retrieved=retrieved,
             probabilities=probabilities_of(self.session.findings.get("classify_fundus", {})),
-            urgency=triage(examined.findings) if examined else None, examined=examined,
+            urgency=examined.triage if examined else None, examined=examined,
             examined_now=examined_now, tool_descriptions=tuple(t.description for t in self.tools.values())))
         for message in turn:
             if isinstance(message, AIMessage):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import re
 
-from ophglm.agent.vocabulary import disease_names
-
 ABBREVIATIONS = {"DR": "diabetic_retinopathy"}  # matched case-sensitively ("Dr" is a doctor)
-HEALTHY = re.compile(r"\b(healthy|normal|no referable disease|no disease|nothing wrong|no problems?|sano|normal|gesund|unauffällig)\b"
+HEALTHY = re.compile(r"\b(healthy|normal|no referable disease|no disease|nothing wrong|no problems?|sano|gesund|unauffällig)\b"
                      r"|健康|正常|没有任何问题|स्वस्थ|सामान्य")
 ABOUT_THE_PHOTO = re.compile(
     r"\b(this|the|your|my) (eye|eyes|photo|photograph|picture|image|fundus|retina|scan)\b|\b(your|the|all) results\b|\b(here|shows?|showing|consistent with|"

@@ -250,17 +250,10 @@ def _urgency_conflict(sentence: str, urgency: str | None) -> list[str]:
     return [f"the rule table gives the urgency {urgency}"]
 
 
-LESION_COUNT = re.compile(r"(microaneurysms|haemorrhages|hard exudates|soft exudates) ?(?:\([^)]*\))?: (\d+)")
-LESION_WORDS = {"microaneurysms": QUANTITIES["microaneurysms"], "haemorrhages": QUANTITIES["haemorrhages"],
-                "hard exudates": QUANTITIES["hard exudates"], "soft exudates": QUANTITIES["soft exudates"]}
-
-
-def lesion_counts(evidence: list[str]) -> dict[str, int]:
-    """The segmenter's latest count of each lesion kind ("haemorrhages: 3 (0.12% of field)")."""
-    counts: dict[str, int] = {}
-    for text in evidence:
-        counts |= {kind: int(n) for kind, n in LESION_COUNT.findall(text)}
-    return counts
+# How a sentence names each kind the segmenter counts (its codes: MA, HE, EX, SE).
+LESION_WORDS = {"MA": QUANTITIES["microaneurysms"], "HE": QUANTITIES["haemorrhages"],
+                "EX": QUANTITIES["hard exudates"], "SE": QUANTITIES["soft exudates"]}
+LESION_KINDS = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates"}
 
 
 def _lesion_conflicts(sentence: str, counts: dict[str, int], examined: bool) -> list[str]:
@@ -280,9 +273,9 @@ def _lesion_conflicts(sentence: str, counts: dict[str, int], examined: bool) -> 
         denied = claims.stance(clause) == "deny"
         for kind in kinds:
             if kind in counts and denied and counts[kind] > 0:
-                problems.append(f"the segmenter counted {counts[kind]} {kind}")
+                problems.append(f"the segmenter counted {counts[kind]} {LESION_KINDS[kind]}")
             elif kind in counts and not denied and counts[kind] == 0:
-                problems.append(f"the segmenter found no {kind}")
+                problems.append(f"the segmenter found no {LESION_KINDS[kind]}")
     return problems
 
 
@@ -332,12 +325,15 @@ def _unbacked_knowledge(sentence: str, passages: dict[str, str], found: Evidence
 
 
 def check_answer(answer: str, evidence: list[str], passages: dict[str, str], probabilities: dict[str, float] | None = None,
-                 *, checks_urgency: bool = False, urgency: str | None = None, tool_descriptions: tuple[str, ...] = ()) -> GroundedAnswer:
+                 *, checks_urgency: bool = False, urgency: str | None = None, tool_descriptions: tuple[str, ...] = (),
+                 lesion_counts: dict[str, int] | None = None) -> GroundedAnswer:
     """Drop sentences with numbers, citations or disease claims that no tool result supports.
 
     `passages` maps each retrieved passage's id to its text. With `checks_urgency`, a stated
     urgency level must be `urgency`, the rule table's level (None: there is none). A sentence
-    copied from one of `tool_descriptions` is dropped.
+    copied from one of `tool_descriptions` is dropped. `lesion_counts` is the segmenter's count
+    per lesion code (MA, HE, EX, SE) for the examined photograph: a lesion's claimed presence
+    must agree with it.
     """
     probabilities = probabilities or {}
     # A knowledge search's result lists passages ("[doc#section] Title - Section: ..."): it says what a passage holds,
@@ -348,7 +344,6 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
     # Numbers a passage gives are figures of what it discusses, for general statements.
     allowed = supported_numbers([*evidence, *passages.values(), *classifier_figures])
     signs_found = set().union(*(named_signs(text) for text in tool_results))
-    counts = lesion_counts(tool_results)
     descriptions = [_words(d) for d in tool_descriptions]
     verdicts = []
     sentences = SENTENCE.split(answer.strip())
@@ -359,7 +354,7 @@ def check_answer(answer: str, evidence: list[str], passages: dict[str, str], pro
         bad_numbers = unsupported_numbers(sentence, found_numbers if claims.PHOTO_DEIXIS.search(sentence.lower()) else allowed)
         bad_citations = [c for c in CITATION.findall(sentence) if c not in passages]
         conflicts = (_disease_conflicts(sentence, probabilities) + (_urgency_conflict(sentence, urgency) if checks_urgency else [])
-                     + _lesion_conflicts(sentence, counts, bool(probabilities)))
+                     + _lesion_conflicts(sentence, lesion_counts or {}, bool(probabilities)))
         if _copies_a_description(sentence, descriptions):
             conflicts.append("it repeats a tool's description, not a finding")
         elif _unbacked_knowledge(sentence, passages, found_numbers):

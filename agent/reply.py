@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ophglm import DISCLAIMER
-from ophglm.agent.examination import MODEL, QUALITY_GATE, TRIAGE, Examination, Step
+from ophglm.agent.examination import EXAMINE, MODEL, QUALITY_GATE, TRIAGE, Examination, Step
 from ophglm.agent.grounding import CITATION, NUMBER, check_answer, named_diseases
 from ophglm.agent.triage import Triage
 from ophglm.knowledge.lexical import best_sentences
@@ -102,8 +102,9 @@ def compose(turn: Turn) -> Reply:
         return reply
     passages = {pid: c.get("text", "") for pid, c in turn.retrieved.items()}
     level = turn.urgency.level if turn.urgency else None
+    counts = turn.examined.lesions.counts if turn.examined and turn.examined.lesions else None
     grounded = check_answer(turn.model_answer or "", turn.evidence, passages, turn.probabilities, checks_urgency=True,
-                            urgency=level, tool_descriptions=turn.tool_descriptions)
+                            urgency=level, tool_descriptions=turn.tool_descriptions, lesion_counts=counts)
     parts = [AnswerPart(s, REMOVED, why) if why else AnswerPart(s, MODEL) for s, why in grounded.verdicts]
     kept = [p for p in parts if p.source == MODEL]
     reply.fallback = not kept
@@ -122,9 +123,12 @@ def compose(turn: Turn) -> Reply:
                      ("What the knowledge base says: " + " ".join(f"{s[:-1]} [{pid}]{s[-1]}" for pid, s in quoted)) if quoted else
                      "I could not produce an answer supported by the tool results.")
     text = " ".join(p.text for p in kept)
-    # A measurement the question led to (vessels) answers it even where the model did not quote it.
+    # A measurement beyond the examination (the vessels, a plug-in's), run for this question by a router or the model,
+    # answers it even where the model did not quote its figures.
     for step in turn.steps:
-        if step.ok and step.name == "measure_vessels" and not set(NUMBER.findall(step.summary)) & set(NUMBER.findall(text + " ".join(added))):
+        figures = set(NUMBER.findall(step.summary))
+        if (step.ok and step.name not in (*EXAMINE, QUALITY_GATE, TRIAGE, "search_knowledge") and figures
+                and not figures & set(NUMBER.findall(" ".join([text, *added])))):
             added.append(step.summary)
     if grounded.removed:
         added.append(REMOVED_NOTE)

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ophglm.finetune.answer_lexicon import in_language, names_finding, numbers_in, quotes_number
+from ophglm.jsonl import read_json_lines
 
 GENERATED = re.compile(r"^generated:non_fundus:(\d+)$")
 # Figures counted per scenario (hits / total), printed in this order.
@@ -50,18 +51,14 @@ def load_image(ref: str, root: Path) -> Image.Image | Path:
     return path
 
 
+def _scenario(item: dict) -> dict:
+    if not (item["turns"] and all(isinstance(t["user"], str) for t in item["turns"]) and isinstance(item["expect"], dict)):
+        raise TypeError("a scenario needs turns with a user question each, and expect")
+    return item
+
+
 def load_scenarios(path: Path) -> list[dict]:
-    scenarios = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            scenario = json.loads(line)
-            scenario["turns"][0]["user"], scenario["expect"]  # noqa: B018 (the two keys every scenario needs)
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"{path}:{number} is not a scenario ({err})") from None
-        scenarios.append(scenario)
-    return scenarios
+    return read_json_lines(path, _scenario, '{"id", "turns": [{"user", "image"}], "expect": {...}}', "scenarios")
 
 
 @dataclass
@@ -111,7 +108,7 @@ def _latest(replies: list[dict], tool: str) -> dict:
     return next((r["findings"][tool] for r in reversed(replies) if tool in r["findings"]), {})
 
 
-def addresses(target: str, text: str, replies: list[dict], lang: str) -> bool:
+def addresses(target: str, text: str, replies: list[dict]) -> bool:
     """Whether the model's own text holds what the question asked for (the scenario names it)."""
     kind, _, value = target.partition(":")
     if kind == "words":
@@ -175,7 +172,7 @@ def score(scenario: dict, replies: list[dict], tally: Tally) -> list[str]:
         if not found:
             problems.append(f"fact missing from the model's sentences: {options[0]}")
     if target := expect.get("addresses"):
-        hit = addresses(target, own, replies, lang)
+        hit = addresses(target, own, replies)
         tally.add("addresses_question", hit)
         if not hit:
             problems.append(f"does not address {target}")

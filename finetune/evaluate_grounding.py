@@ -16,6 +16,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ophglm.jsonl import read_json_lines
+
 SENTENCES = Path("benchmarks/grounding_sentences.jsonl")
 HELD_OUT = Path("benchmarks/grounding_sentences_holdout.jsonl")
 CONTEXTS = Path("benchmarks/grounding_contexts.json")
@@ -30,6 +32,12 @@ def tool_descriptions() -> tuple[str, ...]:
     return tuple(t.description for t in [*builtin_tools(load_settings(None)), TriageFindings()])
 
 
+def _labelled(row: dict) -> dict:
+    if row["verdict"] not in ("keep", "remove") or not isinstance(row["sentence"], str) or not row["context"]:
+        raise TypeError("a labelled sentence needs a context, a sentence and a verdict of keep or remove")
+    return row
+
+
 def judge(rows: list[dict], contexts: dict, descriptions: tuple[str, ...]) -> list[dict]:
     """Each row with the check's verdict and, when it removed the sentence, why."""
     from ophglm.agent.grounding import check_answer
@@ -38,7 +46,8 @@ def judge(rows: list[dict], contexts: dict, descriptions: tuple[str, ...]) -> li
     for row in rows:
         context = contexts[row["context"]]
         result = check_answer(row["sentence"], context["evidence"], context["passages"], context["probabilities"],
-                              checks_urgency=True, urgency=context["urgency"], tool_descriptions=descriptions)
+                              checks_urgency=True, urgency=context["urgency"], tool_descriptions=descriptions,
+                              lesion_counts=context.get("lesion_counts"))
         judged.append({**row, "check": "remove" if result.removed else "keep",
                        "check_why": "; ".join(why for _, why in result.removed_with_why)})
     return judged
@@ -53,7 +62,8 @@ def removal_scores(judged: list[dict]) -> dict:
 
 
 def evaluate_grounding(sentences: Path = SENTENCES, contexts: Path = CONTEXTS) -> dict:
-    rows = [json.loads(line) for line in sentences.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_json_lines(sentences, _labelled, '{"id", "context", "sentence", "verdict": "keep"|"remove", ...}',
+                          "labelled sentences")
     context_table = json.loads(contexts.read_text(encoding="utf-8"))["contexts"]
     if unknown := {r["context"] for r in rows} - set(context_table):
         raise ValueError(f"{sentences} names contexts that {contexts} lacks: {', '.join(sorted(unknown))}")

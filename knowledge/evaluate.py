@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ophglm.jsonl import read_json_lines
 from ophglm.knowledge.lexical import asked_aspects, tokenize
 
 K = 5  # passages retrieved per question: recall@5 is the headline figure
@@ -25,21 +26,8 @@ DEFAULT_QUESTIONS = Path(__file__).resolve().parents[1] / "benchmarks" / "retrie
 
 
 def load_questions(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"question file not found: {path}")
-    questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            questions.append({"question": str(item["question"]), "relevant": [str(d) for d in item["relevant"]]})
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected {{\"question\": ..., \"relevant\": [...]}} ({error})") from None
-    if not questions:
-        raise ValueError(f"{path}: no questions")
-    return questions
+    return read_json_lines(path, lambda item: {"question": str(item["question"]), "relevant": [str(d) for d in item["relevant"]]},
+                           '{"question": ..., "relevant": [...]}', "questions")
 
 
 def half(question: str) -> str:

@@ -17,8 +17,12 @@ EVIDENCE = ["Lesions in img-1: microaneurysms: 0 (0.00% of field); haemorrhages:
             "soft exudates (cotton-wool spots): 0 (0.00% of field).", "Retinal vessel density of img-1: 12.50% of the field of view."]
 
 
+COUNTS = {"MA": 0, "HE": 3, "EX": 0, "SE": 0}  # the segmenter's findings behind EVIDENCE's first line
+
+
 def removed(sentence, probabilities=GLAUCOMA, urgency="soon", evidence=EVIDENCE, passages=None) -> bool:
-    return bool(check_answer(sentence, evidence, passages or {}, probabilities, checks_urgency=True, urgency=urgency).removed)
+    return bool(check_answer(sentence, evidence, passages or {}, probabilities, checks_urgency=True, urgency=urgency,
+                             lesion_counts=COUNTS).removed)
 
 
 @pytest.mark.parametrize("sentence, probabilities, gone", [

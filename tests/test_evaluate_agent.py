@@ -77,7 +77,7 @@ def test_eval_agent_prints_the_model_the_null_model_and_the_lift(scenario_file, 
 def test_scenarios_without_the_keys_a_turn_needs_are_named_by_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "a", "turns": [{"user": "hi"}], "expect": {}}\n{"id": "b", "turns": []}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a scenario"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected .*turns"):
         load_scenarios(path)
 
 

@@ -117,3 +117,16 @@ def test_the_vessel_router_reads_the_users_languages(question, vessels):
     from ophglm.agent.routers import asks_about_vessels
 
     assert asks_about_vessels(question) is vessels
+
+
+def test_a_plug_in_measurement_the_model_ran_answers_even_when_it_did_not_quote_it():
+    from ophglm.agent.examination import Step
+    from ophglm.agent.reply import Turn, compose
+
+    measured = Step("measure_iop", {"image_id": "img-1"}, True, "Intraocular pressure of img-1: 18 mmHg.", by="model")
+    turn = Turn(question="What is the eye pressure?", steps=[measured], model_answer="Here is what I found.", refusal="",
+                evidence=[measured.summary], retrieved={}, probabilities={}, urgency=None, examined=None, examined_now=False)
+    reply = compose(turn)
+    assert reply.answer == "Here is what I found. Intraocular pressure of img-1: 18 mmHg."
+    assert [(p.source, p.text) for p in reply.parts] == [("model", "Here is what I found."), ("added", measured.summary)]
+    assert [(c.name, c.by) for c in reply.tool_calls] == [("measure_iop", "model")]
